@@ -1,0 +1,293 @@
+"""Causal convolutions and their exact inverse (the wavefront solve), in one place.
+
+Every layer that needs a causal convolution or its inverse uses this module (SPEC.md §1–4).
+
+- :func:`causal_conv2d` — a k×k convolution that reads only one quadrant of the image
+  (orientation ``"TL"``, ``"TR"``, ``"BL"`` or ``"BR"``).
+- :func:`solve` — ``x`` such that ``causal_conv2d(x, weight, orientation) == y``, for a weight
+  whose centre block (the C×C matrix at the tap that reads the output pixel itself) is lower
+  triangular. Differentiable; the backward uses the adjoint formulation (a second solve with the
+  flipped, channel-reversed kernel, then the ordinary convolution weight gradient) and saves only
+  the solve's output.
+- :func:`assemble_weight` — the effective weight of a masked causal convolution from its free
+  parameters, so that any parameter values give an exactly invertible map.
+
+The solve's implementation is chosen per call by :func:`solver_for`; this file holds the
+pure-PyTorch reference (one gather and two matmuls per anti-diagonal).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+__all__ = [
+    "ORIENTATIONS",
+    "adjoint_solve",
+    "assemble_weight",
+    "causal_conv2d",
+    "causal_padding",
+    "centre_tap",
+    "solve",
+    "solve_reference",
+]
+
+Orientation = Literal["TL", "TR", "BL", "BR"]
+ORIENTATIONS: tuple[str, ...] = ("TL", "TR", "BL", "BR")
+
+# Which image axes an orientation mirrors relative to TL (dims of an NCHW tensor / CoutCinkk kernel).
+_FLIP_DIMS = {"TL": (), "TR": (3,), "BL": (2,), "BR": (2, 3)}
+# The transpose of an orientation-O convolution reads the opposite quadrant.
+_OPPOSITE = {"TL": "BR", "TR": "BL", "BL": "TR", "BR": "TL"}
+
+
+def _check_orientation(orientation: str) -> None:
+    if orientation not in _FLIP_DIMS:
+        raise ValueError(f"unknown orientation {orientation!r}; accepted: {', '.join(ORIENTATIONS)}")
+
+
+def causal_padding(kernel_size: int, orientation: str = "TL") -> tuple[int, int, int, int]:
+    """``F.pad`` padding (left, right, top, bottom) of a causal convolution (SPEC.md §1)."""
+    _check_orientation(orientation)
+    p = kernel_size - 1
+    left, top = ("L" in orientation, "T" in orientation)
+    return (p if left else 0, 0 if left else p, p if top else 0, 0 if top else p)
+
+
+def centre_tap(kernel_size: int, orientation: str = "TL") -> tuple[int, int]:
+    """Kernel tap (row, col) that reads the output pixel itself."""
+    _check_orientation(orientation)
+    p = kernel_size - 1
+    return (p if "T" in orientation else 0, p if "L" in orientation else 0)
+
+
+def causal_conv2d(x: torch.Tensor, weight: torch.Tensor, orientation: str = "TL",
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal k×k convolution: output pixel (h, w) reads only the quadrant named by ``orientation``.
+
+    Arguments:
+        x: input ``(B, C_in, H, W)``.
+        weight: ``(C_out, C_in, k, k)`` in PyTorch's cross-correlation layout.
+        orientation: ``"TL"`` (rows <= h, cols <= w), ``"TR"``, ``"BL"`` or ``"BR"``.
+        bias: optional ``(C_out,)``.
+    """
+    _check_orientation(orientation)
+    k = weight.shape[-1]
+    if k == 1:
+        return F.conv2d(x, weight, bias)
+    return F.conv2d(F.pad(x, causal_padding(k, orientation)), weight, bias)
+
+
+def assemble_weight(off_centre: torch.Tensor, lower: torch.Tensor, diagonal: torch.Tensor | None = None,
+                    orientation: str = "TL") -> torch.Tensor:
+    """Effective weight of a causal convolution whose centre block is lower triangular.
+
+    This is the mask ``Ŵ = M ⊙ W + E`` of SPEC.md §2 applied in the forward computation, with
+    the masked entries not stored at all: the parameters are exactly the free entries, so the
+    parameter count is the true number of trainable values and no optimiser, weight decay or
+    direct assignment can make the layer non-invertible.
+
+    Arguments:
+        off_centre: ``(..., C, C, k*k - 1)`` — every tap except the centre, raster order.
+        lower: ``(..., C*(C-1)/2)`` — strictly-lower centre entries, in ``torch.tril_indices``
+            order.
+        diagonal: ``(..., C)`` centre diagonal, or ``None`` for a unit diagonal.
+        orientation: where the centre tap sits (see :func:`centre_tap`).
+
+    Returns:
+        ``(..., C, C, k, k)``.
+    """
+    *lead, c, c2, taps = off_centre.shape
+    k = round((taps + 1) ** 0.5)
+    if c != c2 or k * k != taps + 1:
+        raise ValueError(f"off_centre must have shape (..., C, C, k*k-1), got {tuple(off_centre.shape)}")
+    rows, cols = torch.tril_indices(c, c, offset=-1, device=off_centre.device)
+    centre = off_centre.new_zeros(*lead, c, c)
+    centre[..., rows, cols] = lower
+    if diagonal is None:
+        centre = centre + torch.eye(c, dtype=off_centre.dtype, device=off_centre.device)
+    else:
+        centre = centre + torch.diag_embed(diagonal)
+    a, b = centre_tap(k, orientation)
+    pos = a * k + b
+    flat = torch.cat([off_centre[..., :pos], centre.unsqueeze(-1), off_centre[..., pos:]], dim=-1)
+    return flat.reshape(*lead, c, c, k, k)
+
+
+# ----------------------------------------------------------------------------------------------
+# The solve
+
+
+def _check_solve_args(y: torch.Tensor, weight: torch.Tensor, orientation: str) -> None:
+    _check_orientation(orientation)
+    if not isinstance(y, torch.Tensor) or y.dim() != 4:
+        raise ValueError(f"solve: y must be a 4-D tensor (B, C, H, W), got shape {tuple(getattr(y, 'shape', ()))}")
+    if weight.dim() != 4 or weight.shape[0] != weight.shape[1] or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"solve: weight must have shape (C, C, k, k), got {tuple(weight.shape)}")
+    if weight.shape[0] != y.shape[1]:
+        raise ValueError(f"solve: weight is for C={weight.shape[0]} channels but y has {y.shape[1]} "
+                         f"(shape {tuple(y.shape)})")
+    if y.dtype != weight.dtype or y.device != weight.device:
+        raise ValueError(f"solve: y ({y.dtype}, {y.device}) and weight ({weight.dtype}, {weight.device}) "
+                         "must share dtype and device")
+    if not y.is_floating_point():
+        raise ValueError(f"solve: floating-point tensors required, got {y.dtype}")
+
+
+def _check_centre(weight: torch.Tensor, orientation: str, unit_diagonal: bool) -> None:
+    a, b = centre_tap(weight.shape[-1], orientation)
+    centre = weight[:, :, a, b]
+    if torch.triu(centre, diagonal=1).any():
+        raise ValueError("solve: the centre block of the weight must be lower triangular "
+                         f"(tap {(a, b)} for orientation {orientation})")
+    if unit_diagonal and not bool((centre.diagonal() == 1).all()):
+        raise ValueError("solve: unit_diagonal=True but the centre block's diagonal is not all ones")
+
+
+def solve(y: torch.Tensor, weight: torch.Tensor, orientation: str = "TL", *, unit_diagonal: bool = False,
+          assume_triangular: bool = False) -> torch.Tensor:
+    """Exact inverse of :func:`causal_conv2d`: ``x`` with ``causal_conv2d(x, weight, orientation) == y``.
+
+    Arguments:
+        y: ``(B, C, H, W)``.
+        weight: ``(C, C, k, k)`` whose centre block is lower triangular (upper entries zero).
+        orientation: ``"TL"``, ``"TR"``, ``"BL"`` or ``"BR"``.
+        unit_diagonal: the centre diagonal is all ones (skips the division; the caller promises).
+        assume_triangular: skip the check that the centre block is lower triangular (and unit,
+            if ``unit_diagonal``). Layers that build the weight with :func:`assemble_weight` pass
+            ``True``; the check reads the weight on the host, which costs a device sync.
+
+    Differentiable with respect to ``y`` and ``weight`` (first order).
+    """
+    _check_solve_args(y, weight, orientation)
+    if not assume_triangular:
+        _check_centre(weight, orientation, unit_diagonal)
+    return _CausalSolve.apply(y, weight, orientation, unit_diagonal)
+
+
+def adjoint_solve(g: torch.Tensor, weight: torch.Tensor, orientation: str = "TL", *,
+                  unit_diagonal: bool = False) -> torch.Tensor:
+    """``T⁻ᵀ g`` where ``T`` is the causal convolution (SPEC.md §4), by the same solver.
+
+    ``Tᵀ`` is a causal convolution of the opposite orientation with the channel-transposed,
+    spatially flipped kernel; its centre is ``Lᵀ`` (upper triangular), so the channel order is
+    reversed as well to make it lower triangular again.
+    """
+    kernel = weight.flip(0, 1).transpose(0, 1).flip(2, 3)
+    lam = _solve_impl(g.flip(1), kernel, _OPPOSITE[orientation], unit_diagonal)
+    return lam.flip(1)
+
+
+def conv_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: int, orientation: str) -> torch.Tensor:
+    """``∂L/∂W`` of ``causal_conv2d(x, W)`` for output gradient ``grad_out``, by the ordinary
+    convolution weight-gradient routine (no ``B·C·k²·H·W`` buffer)."""
+    c_out, c_in = grad_out.shape[1], x.shape[1]
+    xp = F.pad(x, causal_padding(kernel_size, orientation)) if kernel_size > 1 else x
+    shape = [c_out, c_in, kernel_size, kernel_size]
+    return torch.ops.aten.convolution_backward(
+        grad_out, xp, x.new_empty(shape), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False]
+    )[1]
+
+
+class _CausalSolve(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, weight, orientation, unit_diagonal):
+        x = _solve_impl(y, weight, orientation, unit_diagonal)
+        ctx.save_for_backward(weight, x)
+        ctx.orientation = orientation
+        ctx.unit_diagonal = unit_diagonal
+        return x
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_x):
+        weight, x = ctx.saved_tensors
+        need_y, need_w = ctx.needs_input_grad[:2]
+        if not (need_y or need_w):
+            return None, None, None, None
+        lam = adjoint_solve(grad_x.contiguous(), weight, ctx.orientation, unit_diagonal=ctx.unit_diagonal)
+        # x = T⁻¹ y  =>  dL/dT = -λ xᵀ, i.e. the convolution weight gradient of input x and output grad -λ.
+        grad_w = conv_weight_grad(x, -lam, weight.shape[-1], ctx.orientation) if need_w else None
+        return (lam if need_y else None), grad_w, None, None
+
+
+def _solve_impl(y: torch.Tensor, weight: torch.Tensor, orientation: str, unit_diagonal: bool) -> torch.Tensor:
+    return solver_for(y)(y, weight, orientation, unit_diagonal)
+
+
+def solver_for(y: torch.Tensor):
+    """The solve implementation used for tensors like ``y``.
+
+    Only the pure-PyTorch reference exists so far; native kernels plug in here.
+    """
+    return solve_reference
+
+
+# ----------------------------------------------------------------------------------------------
+# The pure-PyTorch reference solver
+
+
+@functools.lru_cache(maxsize=64)
+def _wavefront_plan(height: int, width: int, k: int, device: torch.device):
+    """Index tensors of the TL wavefront on the zero-padded (H+k-1)×(W+k-1) plane.
+
+    Returns ``(order, bounds, patches, centres)``: ``order`` lists the H·W pixel indices by
+    anti-diagonal; diagonal ``d`` is ``order[bounds[d]:bounds[d+1]]``, its pixels' k×k windows
+    are ``patches[bounds[d]:bounds[d+1]]`` and the padded-plane positions of the pixels
+    themselves are ``centres[...]``.
+    """
+    wp = width + k - 1
+    h = torch.arange(height).repeat_interleave(width)
+    w = torch.arange(width).repeat(height)
+    key = (h + w) * height + h  # sort by anti-diagonal, then by row
+    order = torch.argsort(key)
+    h, w = h[order], w[order]
+    counts = torch.bincount(h + w, minlength=height + width - 1)
+    bounds = [0] + torch.cumsum(counts, 0).tolist()
+    taps = torch.arange(k)
+    window = (taps[:, None] * wp + taps[None, :]).reshape(-1)  # offsets of a k×k window
+    top_left = h * wp + w  # window of pixel (h, w) starts at padded (h, w)
+    patches = top_left[:, None] + window[None, :]
+    centres = (h + k - 1) * wp + (w + k - 1)
+    return order.to(device), bounds, patches.to(device), centres.to(device)
+
+
+def solve_reference(y: torch.Tensor, weight: torch.Tensor, orientation: str = "TL",
+                    unit_diagonal: bool = False) -> torch.Tensor:
+    """Pure-PyTorch wavefront solve (no autograd; use :func:`solve`).
+
+    Orientations other than TL are solved as TL in mirrored coordinates. Per anti-diagonal:
+    one gather of the k×k windows, one matmul with the off-centre taps (pre-multiplied by the
+    centre block's inverse, computed once), one scatter. No loop over channels.
+    """
+    dims = _FLIP_DIMS[orientation]
+    if dims:
+        return solve_reference(y.flip(dims), weight.flip(dims), "TL", unit_diagonal).flip(dims)
+
+    b, c, height, width = y.shape
+    k = weight.shape[-1]
+    centre = weight[:, :, k - 1, k - 1]
+    eye = torch.eye(c, dtype=y.dtype, device=y.device)
+    l_inv = torch.linalg.solve_triangular(centre, eye, upper=False, unitriangular=unit_diagonal)
+    # x_p = L⁻¹ y_p − Σ_t (L⁻¹ W_t) x_{p+t}: fold L⁻¹ into the taps and the right-hand side once.
+    y_folded = torch.einsum("oc,bchw->bohw", l_inv, y)
+    if k == 1:
+        return y_folded.contiguous()
+    taps = weight.reshape(c, c, k * k).clone()
+    taps[:, :, -1] = 0  # the centre reads the pixel being solved, which is still zero
+    taps = torch.einsum("oi,ict->oct", l_inv, taps).reshape(c, c * k * k)
+
+    order, bounds, patches, centres = _wavefront_plan(height, width, k, y.device)
+    rhs = y_folded.reshape(b, c, height * width)[:, :, order]
+    xp = y.new_zeros(b, c, (height + k - 1) * (width + k - 1))
+    for d in range(height + width - 1):
+        s, e = bounds[d], bounds[d + 1]
+        window = xp[:, :, patches[s:e]]  # (B, C, n, k*k)
+        window = window.permute(0, 2, 1, 3).reshape(b, e - s, c * k * k)
+        x_d = rhs[:, :, s:e] - (window @ taps.t()).transpose(1, 2)
+        xp[:, :, centres[s:e]] = x_d
+    return xp.view(b, c, height + k - 1, width + k - 1)[:, :, k - 1:, k - 1:].contiguous()
