@@ -1,40 +1,48 @@
-"""Command line of the harness: ``python -m bench <command>``."""
+"""Command line of the harness: ``python -m bench <command>``.
+
+One module per subcommand in ``bench/commands/`` (each defines ``HELP``, ``add_arguments(parser)``
+and ``main(args) -> int``); they are imported only when their command runs, so ``--help`` stays
+fast and nothing heavy (torch, matplotlib) loads for commands that do not need it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
+# name -> module in bench.commands
+COMMANDS = {
+    "list": "list_layers",
+}
 
-def _cmd_list(args: argparse.Namespace) -> int:
-    from tabulate import tabulate
 
-    import layers
-
-    rows = []
-    for name in layers.available():
-        info = layers.info(name)
-        rows.append([name, str(info.paper), info.sequential, "exact" if info.exact_inverse else "approximate",
-                     info.describe_kernel_sizes(), info.describe_channels(), ", ".join(info.devices), "yes"])
-    for name, reason in layers.unavailable().items():
-        rows.append([name, "", "", "", "", "", "", f"no: {reason}"])
-    headers = ["layer", "paper", "sequential", "inverse", "kernel sizes", "channels", "devices", "available"]
-    print(tabulate(rows, headers=headers, tablefmt="github"))
-    return 0
+class UsageError(Exception):
+    """A bad command-line request: printed as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmark invertible convolutions.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("list", help="registered layers, their capabilities and availability",
-                       description="List the registered layers with their capabilities and availability.")
-    p.set_defaults(func=_cmd_list)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(f"bench.commands.{module_name}")
+        p = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_main=module.main)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._main(args) or 0)
+    except UsageError as exc:
+        parser.exit(2, f"python -m bench {args.command}: error: {exc}\n")
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
