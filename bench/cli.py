@@ -13,7 +13,11 @@ import sys
 
 # name -> module in bench.commands
 COMMANDS = {
+    "run": "run",
     "list": "list_layers",
+    "env": "env",
+    "table": "table",
+    "plot": "plot",
 }
 
 
@@ -21,9 +25,17 @@ class UsageError(Exception):
     """A bad command-line request: printed as one line, exit status 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument gives one line (what is wrong and where to look), not the
+    whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmark invertible convolutions.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = Parser(prog="python -m bench", description="Benchmark invertible convolutions.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(f"bench.commands.{module_name}")
         p = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
@@ -39,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._main(args) or 0)
     except UsageError as exc:
+        parser.exit(2, f"python -m bench {args.command}: error: {exc}\n")
+    except FileNotFoundError as exc:
         parser.exit(2, f"python -m bench {args.command}: error: {exc}\n")
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

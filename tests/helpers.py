@@ -39,3 +39,22 @@ def random_causal_weight(c: int, k: int, orientation: str, unit: bool, scale: fl
         diag = mag * sign
     w[:, :, a, b] = centre + torch.diag(diag)
     return w
+
+
+def install_plugin(tmp_path, monkeypatch, module_name: str, source: str, dist: str,
+                   entries: dict[str, str]) -> None:
+    """Install a plugin distribution for real: its module and a ``.dist-info`` with entry points
+    in a folder on ``sys.path`` and on ``PYTHONPATH`` (so worker processes find it too)."""
+    import os
+
+    from layers import ENTRY_POINT_GROUP, registry
+
+    (tmp_path / f"{module_name}.py").write_text(source)
+    info = tmp_path / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    lines = "".join(f"{name} = {target}\n" for name, target in entries.items())
+    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\n{lines}")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    registry.refresh()

@@ -1,0 +1,286 @@
+"""``python -m bench run``: sweep layers over input size, batch and/or kernel size.
+
+A sweep expands into cells; each cell is measured in its own process (forward, sampling and
+train time, peak memory, parameters, reconstruction error) and appended to the run folder's
+``results.jsonl`` as soon as it finishes; tables and plots are rendered at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ..cli import UsageError
+from ..sweep import DIRECTIONS, SWEEPABLE
+
+HELP = "measure layers over a sweep of input size, batch and/or kernel size"
+DESCRIPTION = __doc__ + """
+examples:
+  python -m bench run --sweep input_size
+  python -m bench run --sweep kernel_size --layers inverse-flow,finc --batch 16
+  python -m bench run --sweep batch --sweep input_size --full --device cuda
+  python -m bench run --resume results/runs/20261122T101500Z_abc1234
+"""
+
+# Settings that --resume takes from the run folder instead of the command line.
+_SWEEP_SETTINGS = ("sweep", "layers", "device", "dtype", "channels", "batch", "input_size", "kernel_size",
+                   "repeat", "min_time", "warmup", "warmup_time", "max_time", "timeout", "no_isolate", "full",
+                   "threads", "seed", "cold_cache", "directions", "option")
+
+# Per-device defaults: a 2-core CPU must finish the default input-size sweep in ~5 minutes.
+_TIMING_DEFAULTS = {
+    "cpu": {"repeat": 5, "min_time": 0.3, "max_time": 5.0},
+    "cuda": {"repeat": 20, "min_time": 1.0, "max_time": 10.0},
+}
+
+
+def _positive_ints(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            value = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not an integer") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+        out.append(value)
+    return out
+
+
+def _sizes(text: str) -> list[int | list[int]]:
+    out: list[int | list[int]] = []
+    for part in text.split(","):
+        if "x" in part:
+            h, w = (_positive_ints(v)[0] for v in part.split("x", 1))
+            out.append(h if h == w else [h, w])
+        else:
+            out.extend(_positive_ints(part))
+    return out
+
+
+def _axes(text: str) -> list[str]:
+    out = []
+    for part in text.split(","):
+        part = part.strip().replace("-", "_")
+        if part not in SWEEPABLE:
+            raise argparse.ArgumentTypeError(f"unknown sweep axis {part!r}; accepted: {', '.join(SWEEPABLE)}")
+        out.append(part)
+    return out
+
+
+def _names(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def _option(text: str) -> tuple[str, str, object]:
+    layer, sep, rest = text.partition(":")
+    key, eq, value = rest.partition("=")
+    if not sep or not eq or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LAYER:KEY=VALUE")
+    for conv in (int, float):
+        try:
+            return layer, key, conv(value)
+        except ValueError:
+            pass
+    return layer, key, {"true": True, "false": False}.get(value.lower(), value)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("what to measure")
+    g.add_argument("--sweep", type=_axes, action="append", metavar="AXIS",
+                   help=f"axis to sweep: {', '.join(SWEEPABLE)}; repeat (or comma-separate) for the product")
+    g.add_argument("--layers", type=_names, action="append", metavar="NAMES",
+                   help="comma-separated layer names (default: every available layer; see `python -m bench list`)")
+    g.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    g.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"), help="default float32")
+    g.add_argument("--channels", type=_positive_ints, metavar="C[,C...]", help="channel count(s) (default 12)")
+    g.add_argument("--batch", type=_positive_ints, metavar="B[,B...]",
+                   help="batch size(s): the grid if swept, else the fixed value (default 8 on CPU, 100 on GPU)")
+    g.add_argument("--input-size", type=_sizes, metavar="N|HxW[,...]", help="image size(s) (default 32)")
+    g.add_argument("--kernel-size", type=_positive_ints, metavar="K[,K...]", help="kernel size(s) (default 3)")
+    g.add_argument("--full", action="store_true",
+                   help="the papers' grids (input 16…256, batch 1…128, kernel 2…11) even on a CPU")
+    g.add_argument("--directions", type=_names, metavar="D[,D...]",
+                   help=f"subset of {', '.join(DIRECTIONS)} (default: all)")
+    g.add_argument("--option", type=_option, action="append", metavar="LAYER:KEY=VALUE",
+                   help="a layer construction option, e.g. woodbury:variant=me (repeatable)")
+
+    t = p.add_argument_group("how to measure")
+    t.add_argument("--repeat", type=lambda s: _positive_ints(s)[0], metavar="N",
+                   help="minimum samples per direction (default 5 on CPU, 20 on GPU)")
+    t.add_argument("--min-time", type=float, metavar="S", help="minimum sampling time per direction, seconds")
+    t.add_argument("--max-time", type=float, metavar="S",
+                   help="stop sampling a slow direction after S seconds (once 3 samples exist)")
+    t.add_argument("--warmup", type=lambda s: _positive_ints(s)[0], metavar="N", help="minimum warm-up calls (default 3)")
+    t.add_argument("--warmup-time", type=float, metavar="S", help="minimum warm-up time, seconds (default 0.2)")
+    t.add_argument("--timeout", type=float, metavar="S", help="per-cell timeout in seconds (default 300)")
+    t.add_argument("--threads", type=lambda s: _positive_ints(s)[0], metavar="N",
+                   help="torch CPU threads, pinned in every cell (default: torch's default here)")
+    t.add_argument("--seed", type=int, help="random seed of inputs and initial weights (default 0)")
+    t.add_argument("--cold-cache", action="store_true", help="evict caches between samples (L2 on GPU, LLC on CPU)")
+    t.add_argument("--no-isolate", action="store_true",
+                   help="measure in this process instead of one process per cell (faster start; a crash ends the "
+                        "sweep, memory readings are less precise, the timeout is best effort)")
+
+    o = p.add_argument_group("where results go")
+    o.add_argument("--out", metavar="DIR", default="results/runs",
+                   help="folder in which the run folder is created (default results/runs)")
+    o.add_argument("--resume", metavar="RUN_DIR",
+                   help="finish an interrupted run, skipping its finished cells (settings come from RUN_DIR)")
+    o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _flatten(lists):
+    return [x for sub in lists for x in sub] if lists else None
+
+
+def resolve_config(args: argparse.Namespace):
+    """A :class:`SweepConfig` from the command line, with clear errors for bad requests."""
+    import torch
+
+    import layers
+
+    from ..sweep import SweepConfig, default_values
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device cuda: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    names = _flatten(args.layers)
+    if names is None:
+        names = layers.available()
+    for name in names:
+        try:
+            layers.info(name)
+        except layers.LayerError as exc:
+            raise UsageError(str(exc)) from None
+    if len(set(names)) != len(names):
+        names = list(dict.fromkeys(names))
+    sweep = list(dict.fromkeys(_flatten(args.sweep) or []))
+    values = default_values(device, sweep, args.full)
+    for axis, given in (("channels", args.channels), ("batch", args.batch), ("input_size", args.input_size),
+                        ("kernel_size", args.kernel_size)):
+        if given:
+            values[axis] = given
+    directions = args.directions or list(DIRECTIONS)
+    for d in directions:
+        if d not in DIRECTIONS:
+            raise UsageError(f"unknown direction {d!r}; accepted: {', '.join(DIRECTIONS)}")
+    options: dict[str, dict] = {}
+    for layer, key, value in args.option or []:
+        if layer not in names:
+            raise UsageError(f"--option {layer}:{key}: layer {layer!r} is not in this run ({', '.join(names)})")
+        options.setdefault(layer, {})[key] = value
+    timing = _TIMING_DEFAULTS[device]
+    for name, value in (("--timeout", args.timeout), ("--min-time", args.min_time), ("--max-time", args.max_time),
+                        ("--warmup-time", args.warmup_time)):
+        if value is not None and value < 0:
+            raise UsageError(f"{name} must be >= 0, got {value}")
+    return SweepConfig(
+        layers=names, sweep=sweep, values=values, device=device, dtype=args.dtype or "float32",
+        repeat=args.repeat or timing["repeat"],
+        min_time=timing["min_time"] if args.min_time is None else args.min_time,
+        warmup=args.warmup or 3, warmup_time=0.2 if args.warmup_time is None else args.warmup_time,
+        max_time=timing["max_time"] if args.max_time is None else args.max_time,
+        timeout=300.0 if args.timeout is None else args.timeout, isolate=not args.no_isolate,
+        threads=args.threads or (torch.get_num_threads() if device == "cpu" else None),
+        seed=args.seed or 0, cold_cache=args.cold_cache, directions=directions, options=options,
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    from .. import runs
+    from ..environment import collect
+    from ..execute import run_cells
+    from ..report import write_plots, write_tables
+    from ..sweep import SweepConfig, expand
+
+    if args.resume:
+        given = [f"--{k.replace('_', '-')}" for k in _SWEEP_SETTINGS if getattr(args, k, None) not in (None, False)]
+        if given:
+            raise UsageError(f"--resume takes every setting from RUN_DIR/{runs.CONFIG}; drop {', '.join(given)}")
+        run_dir = runs.check_run_dir(args.resume)
+        config = SweepConfig.from_json(runs.read_json(run_dir / runs.CONFIG))
+        env = runs.read_json(run_dir / runs.ENV) if (run_dir / runs.ENV).exists() else {}
+        env.setdefault("resumed", []).append({k: v for k, v in collect().items() if k in ("timestamp_utc", "command", "git")})
+        runs.write_json(run_dir / runs.ENV, env)
+    else:
+        config = resolve_config(args)
+        env = collect()
+        run_dir = runs.new_run_dir(args.out, env["git"])
+        runs.write_json(run_dir / runs.ENV, env)
+        runs.write_json(run_dir / runs.CONFIG, config.to_json())
+
+    try:
+        cells = expand(config)
+    except Exception as exc:  # a layer of the stored config may no longer be installed
+        raise UsageError(f"cannot expand the sweep: {exc}") from None
+    done = {r["key"] for r in runs.load_records(run_dir)}
+    todo = [c for c in cells if c.key() not in done]
+    print(f"run folder: {run_dir}", file=sys.stderr)
+    load, cpus = (os.getloadavg()[0] if hasattr(os, "getloadavg") else None), os.cpu_count() or 1
+    if config.device == "cpu" and load is not None and load > 0.5 * cpus:
+        print(f"warning: the machine is busy (1-minute load average {load:.1f} on {cpus} CPUs); "
+              "CPU timings will be noisy", file=sys.stderr)
+    print(f"{len(cells)} cells ({len(cells) - len(todo)} already finished), {len(config.layers)} layers, "
+          f"device {config.device}, {config.dtype}, "
+          f"{'one process per cell' if config.isolate else 'in-process'}", file=sys.stderr)
+
+    bar = _progress(len(cells), len(cells) - len(todo), args.no_progress)
+    interrupted = False
+    try:
+        run_cells(cells, config, run_dir, done,
+                  on_start=lambda cell: bar.set_postfix_str(cell.label(), refresh=True),
+                  on_done=lambda cell, rec: _after_cell(bar, cell, rec))
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+
+    records = runs.load_records(run_dir)
+    write_tables(run_dir)
+    if not args.no_plots and records:
+        write_plots(run_dir)
+    if records:
+        from ..report import markdown_report
+
+        print(markdown_report(runs.read_json(run_dir / runs.CONFIG), env, records, metrics=["median"]))
+    if interrupted:
+        print(f"interrupted: {len(records)} of {len(cells)} cells are saved in {run_dir}\n"
+              f"resume with: python -m bench run --resume {run_dir}", file=sys.stderr)
+        return 130
+    files = ", ".join(p.name for p in sorted(Path(run_dir).iterdir()) if p.is_file())
+    print(f"results: {run_dir}  ({files})")
+    return 0
+
+
+class _NoBar:
+    def set_postfix_str(self, *a, **k):
+        pass
+
+    def update(self, n=1):
+        pass
+
+    def write(self, s):
+        print(s, file=sys.stderr)
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, initial: int, disabled: bool):
+    if disabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="cell", dynamic_ncols=True, file=sys.stderr)
+
+
+def _after_cell(bar, cell, record) -> None:
+    bar.update(1)
+    if record["status"] not in ("ok",):
+        bar.write(f"  {cell.label()}: {record['status']}"
+                  + (f": {record['message']}" if record.get("message") and record["status"] != "unsupported" else ""))

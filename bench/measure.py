@@ -1,0 +1,330 @@
+"""Measure one cell in the current process: times, peak memory, parameters, reconstruction error.
+
+Nothing here prints or renders: results go to the ``emit`` callback as plain dicts (one per
+direction as soon as it is finished, then one for the cell), so a worker process can stream
+them to its parent and a crash or timeout loses only what was not finished yet.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .stats import Measurement
+from .sweep import DIRECTIONS, Cell
+
+Emit = Callable[[dict[str, Any]], None]
+
+_COLD_CACHE_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}  # larger than the LLC / L2 of current chips
+
+
+@dataclass(frozen=True)
+class TimingPolicy:
+    """How long to warm up and how many samples to take (BENCHMARKING.md "Timing").
+
+    Warm-up runs until both ``warmup`` calls and ``warmup_time`` seconds are reached, so that
+    native builds, cuDNN autotuning and allocator growth stay out of the samples. Sampling runs
+    until both ``repeat`` samples and ``min_time`` seconds are reached. Two caps keep a cell
+    bounded: a very slow call stops sampling after ``max_time`` seconds once ``MIN_SAMPLES``
+    exist (the record's ``n`` says how many), and a very fast one after ``max_samples``.
+    """
+
+    warmup: int = 3
+    warmup_time: float = 0.2
+    repeat: int = 10
+    min_time: float = 0.5
+    max_time: float = 10.0
+    max_samples: int = 5000
+    cold_cache: bool = False
+
+
+MIN_SAMPLES = 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+class _Clock:
+    """Times one call: CUDA events on a GPU, ``perf_counter`` on the CPU."""
+
+    def __init__(self, device: torch.device, cold_cache: bool):
+        self.cuda = device.type == "cuda"
+        self.flush_buffer = None
+        if cold_cache:
+            n = _COLD_CACHE_BYTES["cuda" if self.cuda else "cpu"] // 4
+            self.flush_buffer = torch.empty(n, dtype=torch.float32, device=device)
+
+    def flush(self) -> None:
+        if self.flush_buffer is not None:
+            self.flush_buffer.fill_(1.0)  # evicts the cache between samples (outside the timed region)
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        self.flush()
+        if self.cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return float(start.elapsed_time(end))
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+
+def time_call(fn: Callable[[], Any], clock: _Clock, policy: TimingPolicy) -> Measurement:
+    """Warm up, then sample ``fn`` until the policy is satisfied. Every sample is kept."""
+    t_start = time.perf_counter()
+    calls = 0
+    while calls < policy.warmup or time.perf_counter() - t_start < policy.warmup_time:
+        clock(fn)
+        calls += 1
+    samples: list[float] = []
+    t_start = time.perf_counter()
+    while True:
+        samples.append(clock(fn))
+        elapsed = time.perf_counter() - t_start
+        n = len(samples)
+        if (n >= policy.repeat and elapsed >= policy.min_time) or n >= policy.max_samples \
+                or (n >= MIN_SAMPLES and elapsed >= policy.max_time):
+            break
+    return Measurement(samples)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+def _proc_status(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+_libc = None
+
+
+def configure_allocator() -> None:
+    """Make the resident set follow tensor allocations on glibc (no-op elsewhere).
+
+    glibc keeps freed memory in its heap and raises its mmap threshold as large blocks are
+    freed, so after warm-up a call can reuse memory without the RSS moving and a peak-RSS
+    reading says 0. A fixed mmap threshold returns large blocks to the OS on free, and
+    ``malloc_trim`` before each reading releases what the heap still holds.
+    """
+    global _libc
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: blocks >= 64 KiB are mmapped and unmapped on free
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+        _libc = libc
+    except (OSError, AttributeError):
+        _libc = None
+
+
+def _trim_heap() -> None:
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+class _Nvml:
+    """Device-level memory from NVML (``nvidia-ml-py``), as a cross-check of torch's counters."""
+
+    def __init__(self, device: torch.device):
+        self.handle = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            props = torch.cuda.get_device_properties(device)
+            bus_id = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+            self.handle = pynvml.nvmlDeviceGetHandleByPciBusId(bus_id.encode())
+            self._pynvml = pynvml
+        except Exception:  # noqa: BLE001 - NVML is a cross-check; its absence is recorded as None
+            self.handle = None
+
+    def used(self) -> int | None:
+        if self.handle is None:
+            return None
+        try:
+            return int(self._pynvml.nvmlDeviceGetMemoryInfo(self.handle).used)
+        except Exception:  # noqa: BLE001
+            return None
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device, nvml: _Nvml | None) -> dict[str, Any]:
+    """Peak memory of one call above the memory in use just before it (BENCHMARKING.md "Memory")."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        reserved_before = torch.cuda.memory_reserved(device)
+        nvml_before = nvml.used() if nvml else None
+        fn()
+        torch.cuda.synchronize(device)
+        out: dict[str, Any] = {
+            "peak_mem_bytes": int(torch.cuda.max_memory_allocated(device) - base),
+            "reserved_bytes": int(torch.cuda.max_memory_reserved(device)),
+        }
+        nvml_after = nvml.used() if nvml else None
+        if nvml_before is not None and nvml_after is not None:
+            out["nvml_delta_bytes"] = int(nvml_after - nvml_before)
+            torch_delta = torch.cuda.memory_reserved(device) - reserved_before
+            # Memory that NVML sees but torch's allocator does not: a raw cudaMalloc somewhere.
+            if abs(out["nvml_delta_bytes"] - torch_delta) > max(64 << 20, 0.25 * abs(torch_delta)):
+                out["memory_warning"] = (f"NVML saw {out['nvml_delta_bytes']} B more in use, torch's allocator "
+                                         f"{torch_delta} B: memory allocated outside torch?")
+        return out
+    _trim_heap()
+    if not _reset_peak_rss():
+        fn()
+        return {"peak_mem_bytes": None, "memory_warning": "peak RSS not measurable on this platform"}
+    base = _proc_status("VmRSS")
+    fn()
+    peak = _proc_status("VmHWM")
+    return {"peak_mem_bytes": None if base is None or peak is None else int(max(peak - base, 0))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures
+
+
+def classify_exception(exc: BaseException) -> tuple[str, str]:
+    """(status, one-line message) for an exception raised while building or running a cell."""
+    import layers
+
+    message = f"{type(exc).__name__}: {exc}".strip().splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, layers.UnsupportedError):
+        return "unsupported", str(exc)
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, (RuntimeError, MemoryError))
+        and any(s in str(exc) for s in ("out of memory", "can't allocate memory", "not enough memory"))
+    ) or isinstance(exc, MemoryError):
+        return "oom", message
+    return "error", message
+
+
+# ---------------------------------------------------------------------------------------------
+# One cell
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def _all_finite(out: Any) -> bool:
+    tensors = out if isinstance(out, (tuple, list)) else (out,)
+    return all(bool(torch.isfinite(t).all()) for t in tensors if isinstance(t, torch.Tensor))
+
+
+def measure_cell(cell: Cell, policy: TimingPolicy, emit: Emit, *, seed: int = 0, threads: int | None = None,
+                 directions: tuple[str, ...] = DIRECTIONS) -> None:
+    """Measure every direction of ``cell``, calling ``emit`` once per direction, then once with
+    ``{"type": "cell", ...}`` (parameters, reconstruction error, cell-level status)."""
+    import layers
+
+    t0 = time.perf_counter()
+    configure_allocator()
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    device = torch.device(cell.device)
+    final: dict[str, Any] = {"type": "cell", "threads": torch.get_num_threads(), "pid": os.getpid()}
+    try:
+        layers.info(cell.layer).check(cell.channels, cell.kernel_size, (cell.height, cell.width), device)
+        dtype = _dtype(cell.dtype)
+        layer = layers.create(cell.layer, cell.channels, kernel_size=cell.kernel_size,
+                              input_size=(cell.height, cell.width), **cell.options).to(device=device, dtype=dtype)
+        x = torch.randn(cell.batch, cell.channels, cell.height, cell.width, device=device, dtype=dtype)
+        z_prior = torch.randn_like(x)
+    except Exception as exc:  # noqa: BLE001 - recorded as the cell's status
+        final["status"], final["message"] = classify_exception(exc)
+        final["traceback"] = traceback.format_exc(limit=8)
+        final["wall_s"] = time.perf_counter() - t0
+        emit(final)
+        return
+
+    final["params"] = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+    clock = _Clock(device, policy.cold_cache)
+    nvml = _Nvml(device) if device.type == "cuda" else None
+
+    def forward():
+        with torch.no_grad():
+            return layer(x)
+
+    def sampling():
+        with torch.no_grad():
+            return layer.inverse(z_prior)
+
+    def train():
+        layer.zero_grad(set_to_none=True)
+        z, logdet = layer(x)
+        # Negative log-likelihood under N(0, I), up to a constant: ½‖z‖² − log|det J|.
+        loss = 0.5 * (z.float() ** 2).sum() - logdet.float().sum()
+        loss.backward()
+        return z, logdet, loss
+
+    fns = {"forward": forward, "sampling": sampling, "train": train}
+    for direction in directions:
+        record: dict[str, Any] = {"type": "direction", "direction": direction}
+        try:
+            t_first = time.perf_counter()
+            out = fns[direction]()  # the first call: includes lazy builds, reported separately
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            record["first_call_ms"] = (time.perf_counter() - t_first) * 1e3
+            finite = _all_finite(out)
+            del out
+            record.update(peak_memory(fns[direction], device, nvml))
+            m = time_call(fns[direction], clock, policy)
+            record["samples_ms"] = m.samples_ms
+            record.update(m.summary())
+            record["status"] = "ok" if finite else "nonfinite"
+            if not finite:
+                record["message"] = "output contains NaN or Inf"
+        except Exception as exc:  # noqa: BLE001 - one failing direction must not lose the others
+            record["status"], record["message"] = classify_exception(exc)
+            record["traceback"] = traceback.format_exc(limit=8)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        emit(record)
+
+    try:
+        with torch.no_grad():
+            x_back = layer.inverse(layer(x)[0])
+            err = (x_back - x).abs().max().item()
+        final["recon_error"] = err if math.isfinite(err) else float("nan")
+    except Exception as exc:  # noqa: BLE001
+        final["recon_error"] = None
+        final["recon_message"] = classify_exception(exc)[1]
+    final["wall_s"] = time.perf_counter() - t0
+    emit(final)

@@ -1,0 +1,44 @@
+"""Write a run's reports (tables and plots) from its records; used by `run`, `table` and `plot`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from . import render
+from .runs import CONFIG, ENV, check_run_dir, load_records, read_json
+
+
+def load_run(run_dir: str | Path) -> tuple[Path, dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """(path, config, env, records) of a run folder."""
+    path = check_run_dir(run_dir)
+    env = read_json(path / ENV) if (path / ENV).exists() else {}
+    return path, read_json(path / CONFIG), env, load_records(path)
+
+
+def markdown_report(config: dict[str, Any], env: dict[str, Any], records: list[dict[str, Any]],
+                    heading: str | None = None, metrics: list[str] | None = None) -> str:
+    tables = render.tables(records, config.get("sweep", []), metrics)
+    return render.to_markdown(tables, render.describe_run(config, env), heading)
+
+
+def write_tables(run_dir: str | Path) -> list[Path]:
+    path, config, env, records = load_run(run_dir)
+    if not records:
+        return []
+    sweep = config.get("sweep", [])
+    (path / "table.md").write_text(markdown_report(config, env, records, heading=f"invconv-bench run {path.name}"))
+    (path / "table.csv").write_text(render.to_csv(records))
+    latex_tables = render.tables(records, sweep, ["median", "memory", "params"])
+    (path / "table.tex").write_text(render.to_latex(latex_tables, render.describe_run(config, env)))
+    return [path / "table.md", path / "table.csv", path / "table.tex"]
+
+
+def write_plots(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    from .plots import plot_run
+
+    path, config, env, records = load_run(run_dir)
+    if not records:
+        return []
+    lines = render.describe_run(config, env)
+    return plot_run(records, config.get("sweep", []), Path(out_dir or path), title=lines[0])

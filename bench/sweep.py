@@ -1,0 +1,121 @@
+"""Sweeps: axes and their grids, expanded into cells (one layer at one shape)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+AXES = ("input_size", "batch", "kernel_size", "channels")
+SWEEPABLE = ("input_size", "batch", "kernel_size")
+
+# The papers' ablation axes (SPEC.md §6, seed slides): input size 16…256, batch 1…128, k 2…11.
+PAPER_GRID: dict[str, list[int]] = {
+    "input_size": [16, 32, 64, 128, 256],
+    "batch": [1, 2, 4, 8, 16, 32, 64, 128],
+    "kernel_size": [2, 3, 5, 7, 9, 11],
+}
+# A grid that a 2-core CPU finishes in a few minutes with every layer (pure-PyTorch solves
+# take milliseconds per anti-diagonal step there, so the large sizes are left to --full).
+CPU_GRID: dict[str, list[int]] = {
+    "input_size": [16, 32, 64],
+    "batch": [1, 4, 16],
+    "kernel_size": [2, 3, 5, 7],
+}
+# Values of the axes that are not swept. 12 channels = a 3-channel image after one squeeze,
+# the first level of the papers' models; batch 100 is the papers' sampling batch.
+FIXED_GPU: dict[str, int] = {"input_size": 32, "batch": 100, "kernel_size": 3, "channels": 12}
+FIXED_CPU: dict[str, int] = {"input_size": 32, "batch": 8, "kernel_size": 3, "channels": 12}
+
+DIRECTIONS = ("forward", "sampling", "train")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One measurement: a layer at one shape, device and dtype."""
+
+    layer: str
+    device: str
+    dtype: str
+    batch: int
+    channels: int
+    height: int
+    width: int
+    kernel_size: int | None  # None: the layer has no kernel size
+    options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    def key(self) -> str:
+        """Stable identity used to match records (resume, compare)."""
+        d = asdict(self)
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+    def label(self) -> str:
+        k = "k=n/a" if self.kernel_size is None else f"k={self.kernel_size}"
+        return f"{self.layer} B={self.batch} C={self.channels} {self.height}x{self.width} {k} {self.device}/{self.dtype}"
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "Cell":
+        return Cell(**{**d, "options": dict(d.get("options") or {})})
+
+
+@dataclass
+class SweepConfig:
+    """A fully resolved sweep: everything needed to re-run it, stored as ``config.json``."""
+
+    layers: list[str]
+    sweep: list[str]
+    values: dict[str, list[Any]]  # every axis in AXES -> its values (one if not swept); sizes: n or [H, W]
+    device: str
+    dtype: str
+    repeat: int
+    min_time: float
+    warmup: int
+    warmup_time: float
+    max_time: float
+    timeout: float
+    isolate: bool
+    threads: int | None
+    seed: int = 0
+    cold_cache: bool = False
+    directions: list[str] = field(default_factory=lambda: list(DIRECTIONS))
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-layer create() options
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> "SweepConfig":
+        return SweepConfig(**d)
+
+
+def default_values(device: str, sweep: list[str], full: bool) -> dict[str, list[int]]:
+    grid = PAPER_GRID if (full or device == "cuda") else CPU_GRID
+    fixed = FIXED_GPU if device == "cuda" else FIXED_CPU
+    return {axis: (list(grid[axis]) if axis in sweep else [fixed[axis]]) for axis in AXES}
+
+
+def expand(config: SweepConfig) -> list[Cell]:
+    """Every (layer × axis values) cell, in a stable order.
+
+    Layers whose kernel size does not apply get one cell per combination of the other axes with
+    ``kernel_size=None`` instead of one per k, so a kernel-size sweep does not repeat them.
+    """
+    import layers
+
+    cells: list[Cell] = []
+    seen: set[str] = set()
+    v = config.values
+    for name in config.layers:
+        kernel_applies = layers.info(name).kernel_size_applies
+        for size, batch, k, channels in itertools.product(v["input_size"], v["batch"], v["kernel_size"], v["channels"]):
+            height, width = (size, size) if isinstance(size, int) else size
+            cell = Cell(
+                layer=name, device=config.device, dtype=config.dtype, batch=batch, channels=channels,
+                height=height, width=width, kernel_size=k if kernel_applies else None,
+                options=dict(config.options.get(name, {})),
+            )
+            if cell.key() not in seen:
+                seen.add(cell.key())
+                cells.append(cell)
+    return cells
