@@ -25,6 +25,7 @@ BUILTIN: dict[str, str] = {
     "finc": "layers.finc:FInC",
     "glow-1x1": "layers.glow:Glow1x1",
     "inverse-flow": "layers.inverse_flow:InverseFlow",
+    "snf": "layers.snf:SNF",
     "woodbury": "layers.woodbury:Woodbury",
 }
 
