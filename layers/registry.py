@@ -20,6 +20,7 @@ ENTRY_POINT_GROUP = "invconv_bench.layers"
 
 # Built-in layers: registry name -> "module:attribute" (imported lazily).
 BUILTIN: dict[str, str] = {
+    "butterfly": "layers.butterfly:Butterfly",
     "cinc": "layers.cinc:CInC",
     "emerging": "layers.emerging:Emerging",
     "finc": "layers.finc:FInC",
