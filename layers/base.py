@@ -80,6 +80,11 @@ class LayerInfo:
         needs_input_size: whether the layer must be built for a fixed (H, W).
         devices: device types the layer runs on.
         summary: one line on what the layer computes.
+        options: layer-specific keyword options, name -> one-line description.
+        exact_logdet: whether the ``logdet`` that ``forward`` returns is ``log|det J|`` of the
+            forward map up to rounding (the conformance suite compares it with the dense
+            Jacobian only where this is true). A layer that returns something else must say
+            in its docstring what it returns.
     """
 
     name: str
@@ -93,6 +98,7 @@ class LayerInfo:
     devices: tuple[str, ...] = ("cpu", "cuda")
     summary: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    exact_logdet: bool = True
 
     def __post_init__(self) -> None:
         if self.sequential not in ("forward", "inverse", "none"):

@@ -20,9 +20,14 @@ ENTRY_POINT_GROUP = "invconv_bench.layers"
 
 # Built-in layers: registry name -> "module:attribute" (imported lazily).
 BUILTIN: dict[str, str] = {
+    "butterfly": "layers.butterfly:Butterfly",
+    "cinc": "layers.cinc:CInC",
+    "emerging": "layers.emerging:Emerging",
     "finc": "layers.finc:FInC",
     "glow-1x1": "layers.glow:Glow1x1",
     "inverse-flow": "layers.inverse_flow:InverseFlow",
+    "snf": "layers.snf:SNF",
+    "woodbury": "layers.woodbury:Woodbury",
 }
 
 

@@ -58,3 +58,43 @@ def install_plugin(tmp_path, monkeypatch, module_name: str, source: str, dist: s
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
     registry.refresh()
+
+
+def perturb_(layer: torch.nn.Module, scale: float) -> torch.nn.Module:
+    """Add N(0, scale²) noise to every parameter, in place; returns the layer."""
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return layer
+
+
+def density_gradcheck(layer: torch.nn.Module, x: torch.Tensor) -> bool:
+    """gradcheck of ``layer(x) -> (z, logdet)`` with respect to ``x`` and every parameter."""
+    from torch.func import functional_call
+
+    names = [n for n, _ in layer.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
+    x = x.detach().clone().requires_grad_()
+
+    def density(x, *ps):
+        return functional_call(layer, dict(zip(names, ps)), (x,))
+
+    n_inputs = x.numel() + sum(p.numel() for p in params)
+    return torch.autograd.gradcheck(density, (x, *params), fast_mode=n_inputs > 600)
+
+
+def assert_exact_layer(layer: torch.nn.Module, x: torch.Tensor, gradcheck: bool = True) -> None:
+    """The checks of the conformance suite for an exact layer, on one float64 input ``x``:
+    round trip, log det against the dense Jacobian, inverse Jacobian, and gradcheck."""
+    with torch.no_grad():
+        z, logdet = layer(x)
+        torch.testing.assert_close(layer.inverse(z), x, rtol=1e-9, atol=1e-9)
+    # Jacobians of the first sample only: batch independence is the conformance suite's business.
+    jf = dense_jacobian(lambda v: layer(v)[0], x[:1])
+    sign, logabsdet = torch.linalg.slogdet(jf)
+    assert sign != 0
+    torch.testing.assert_close(logdet[0], logabsdet, rtol=1e-8, atol=1e-8)
+    ji = dense_jacobian(layer.inverse, z[:1])
+    torch.testing.assert_close(ji @ jf, torch.eye(jf.shape[0], dtype=jf.dtype), rtol=1e-8, atol=1e-8)
+    if gradcheck:
+        assert density_gradcheck(layer, x)

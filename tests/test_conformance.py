@@ -5,6 +5,12 @@ parameters randomly: inverse(forward(x)) ≈ x, log det equals the dense slogdet
 (float64), gradcheck of the density direction with respect to input and parameters, determinism
 and no mutation of parameters, batch 1 and non-square images. Combinations a layer declares
 unsupported must be refused with ``UnsupportedError``.
+
+What a layer declares decides which checks apply, through the parameter lists (never by a skip
+inside a test): the tight round trips and the inverse-Jacobian check run for ``exact_inverse``
+layers; an approximate inverse gets its reconstruction error reported (printed and recorded as a
+test property) and asserted finite. The log det is compared with the dense Jacobian for
+``exact_logdet`` layers.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ def _cases():
             for c in CHANNELS + [6]:
                 case = pytest.param(name, c, k, id=f"{name}-C{c}-k{k}")
                 try:
-                    info.check(c, k, None)
+                    # With an input size, so that layers built for a fixed size are not refused for lacking one.
+                    info.check(c, k, (4, 4))
                 except UnsupportedError:
                     unsupported.append(case)
                 else:
@@ -45,6 +52,15 @@ def _cases():
 
 
 SUPPORTED, UNSUPPORTED = _cases()
+
+
+def _where(predicate) -> list:
+    return [case for case in SUPPORTED if predicate(layers.info(case.values[0]))]
+
+
+EXACT_INVERSE = _where(lambda info: info.exact_inverse)
+APPROXIMATE_INVERSE = _where(lambda info: not info.exact_inverse)
+EXACT_LOGDET = _where(lambda info: info.exact_logdet)
 
 
 def build(name: str, channels: int, k: int | None, height: int, width: int, dtype=torch.float64, seed: int = 0):
@@ -57,12 +73,11 @@ def build(name: str, channels: int, k: int | None, height: int, width: int, dtyp
     return layer
 
 
-@pytest.mark.parametrize(("name", "channels", "k"), SUPPORTED)
+@pytest.mark.parametrize(("name", "channels", "k"), EXACT_INVERSE)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}x{}x{}".format(*s))
 def test_inverse_of_forward_is_identity(name, channels, k, shape):
     b, h, w = shape
     layer = build(name, channels, k, h, w)
-    exact = layers.info(name).exact_inverse
     x = torch.randn(b, channels, h, w, dtype=torch.float64)
     with torch.no_grad():
         z, logdet = layer(x)
@@ -70,28 +85,38 @@ def test_inverse_of_forward_is_identity(name, channels, k, shape):
         z_back, _ = layer(layer.inverse(z))
     assert z.shape == x.shape and logdet.shape == (b,)
     assert torch.isfinite(z).all() and torch.isfinite(logdet).all()
-    if exact:
-        torch.testing.assert_close(x_back, x, rtol=1e-9, atol=1e-9)
-        torch.testing.assert_close(z_back, z, rtol=1e-9, atol=1e-9)
-    else:
-        err = (x_back - x).abs().max().item()
-        print(f"{name}: approximate inverse, max |x - inverse(forward(x))| = {err:.3g}")
-        assert torch.isfinite(x_back).all()
+    torch.testing.assert_close(x_back, x, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(z_back, z, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize(("name", "channels", "k"), SUPPORTED)
+@pytest.mark.parametrize(("name", "channels", "k"), APPROXIMATE_INVERSE)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}x{}x{}".format(*s))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_approximate_inverse_error_is_reported(name, channels, k, shape, dtype, record_property):
+    """An approximate inverse is not asserted to be tight: its error is reported, and must be finite."""
+    b, h, w = shape
+    layer = build(name, channels, k, h, w, dtype=dtype)
+    x = torch.randn(b, channels, h, w, dtype=dtype)
+    with torch.no_grad():
+        z, logdet = layer(x)
+        x_back = layer.inverse(z)
+    assert z.shape == x.shape and logdet.shape == (b,) and x_back.shape == x.shape
+    assert torch.isfinite(z).all() and torch.isfinite(logdet).all() and torch.isfinite(x_back).all()
+    err = (x_back - x).abs().max().item()
+    record_property("max_abs_reconstruction_error", err)
+    print(f"{name} C={channels} k={k} {dtype}: approximate inverse, max |x - inverse(forward(x))| = {err:.3g}")
+
+
+@pytest.mark.parametrize(("name", "channels", "k"), EXACT_INVERSE)
 def test_float32_round_trip(name, channels, k):
     layer = build(name, channels, k, 6, 5, dtype=torch.float32)
     x = torch.randn(2, channels, 6, 5)
     with torch.no_grad():
         x_back = layer.inverse(layer(x)[0])
-    if layers.info(name).exact_inverse:
-        torch.testing.assert_close(x_back, x, rtol=1e-4, atol=1e-4)
-    else:
-        assert torch.isfinite(x_back).all()
+    torch.testing.assert_close(x_back, x, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("name", "channels", "k"), SUPPORTED)
+@pytest.mark.parametrize(("name", "channels", "k"), EXACT_LOGDET)
 def test_logdet_matches_dense_jacobian(name, channels, k):
     h, w = 4, 5
     layer = build(name, channels, k, h, w)
@@ -105,11 +130,9 @@ def test_logdet_matches_dense_jacobian(name, channels, k):
         torch.testing.assert_close(logdet[i], logabsdet, rtol=1e-8, atol=1e-8)
 
 
-@pytest.mark.parametrize(("name", "channels", "k"), SUPPORTED)
+@pytest.mark.parametrize(("name", "channels", "k"), EXACT_INVERSE)
 def test_inverse_jacobian_is_inverse_of_forward_jacobian(name, channels, k):
     """The sampling direction's Jacobian times the density direction's is the identity."""
-    if not layers.info(name).exact_inverse:
-        pytest.skip("approximate inverse: checked by the round-trip report instead")
     h, w = 3, 4
     layer = build(name, channels, k, h, w)
     x = torch.randn(1, channels, h, w, dtype=torch.float64)
@@ -148,7 +171,11 @@ def test_deterministic_and_does_not_mutate(name, channels, k):
     x1 = layer.inverse(z1.detach())
     x2 = layer.inverse(z1.detach())
     assert torch.equal(x1, x2)
-    ((z1**2).sum() + ld1.sum()).backward()
+    loss = (z1**2).sum() + ld1.sum()
+    if not layers.info(name).exact_inverse:
+        # An approximate inverse has parameters of its own, trained by the reconstruction error.
+        loss = loss + ((layer.inverse(z1) - x) ** 2).sum()
+    loss.backward()
     for key, value in layer.state_dict().items():
         assert torch.equal(value, state[key]), f"{key} changed by a forward/inverse/backward call"
     assert all(p.grad is not None for p in layer.parameters()), "a parameter gets no gradient"

@@ -19,10 +19,24 @@ def _perturbed(name, c, k, scale=0.5):
 
 
 @pytest.mark.parametrize(("name", "c", "k"), [("inverse-flow", 6, 3), ("inverse-flow", 5, 2), ("finc", 8, 3),
-                                             ("glow-1x1", 5, None)])
+                                             ("glow-1x1", 5, None), ("cinc", 5, 2), ("emerging", 6, 5),
+                                             ("snf", 3, 3), ("butterfly", 12, None)])
 def test_parameter_count_is_the_free_entries(name, c, k):
     layer = layers.create(name, c, kernel_size=k)
     assert sum(p.numel() for p in layer.parameters()) == type(layer).parameter_count(c, k)
+
+
+@pytest.mark.parametrize("name", layers.available())
+def test_every_layer_states_its_parameter_count(name):
+    """A static ``parameter_count`` that agrees with the trainable parameters of a default build."""
+    info = layers.info(name)
+    c = max(info.min_channels, info.channel_multiple, 4)
+    k = 3 if info.kernel_size_applies else None
+    size = (5, 6)
+    layer = layers.create(name, c, kernel_size=k, input_size=size)
+    count = type(layer).parameter_count(c, k, input_size=size) if info.needs_input_size else \
+        type(layer).parameter_count(c, k)
+    assert sum(p.numel() for p in layer.parameters() if p.requires_grad) == count
 
 
 def test_inverse_flow_parameter_formula():
@@ -86,6 +100,6 @@ def test_glow_logdet_formula_and_weight_inverse():
 
 def test_layers_start_near_identity():
     x = torch.randn(2, 8, 6, 6)
-    for name in ("inverse-flow", "finc"):
-        z, _ = layers.create(name, 8, kernel_size=3)(x)
+    for name in ("inverse-flow", "finc", "cinc", "snf", "butterfly", "woodbury"):
+        z, _ = layers.create(name, 8, kernel_size=3, input_size=6)(x)
         assert ((z - x).norm() / x.norm()).item() < 0.5, name

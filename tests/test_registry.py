@@ -12,7 +12,7 @@ import torch
 import layers
 from layers import LayerError, LayerUnavailableError, UnknownLayerError, UnsupportedError, registry
 
-BUILTINS = ["finc", "glow-1x1", "inverse-flow"]
+BUILTINS = ["butterfly", "cinc", "emerging", "finc", "glow-1x1", "inverse-flow", "snf", "woodbury"]
 
 
 def test_available_lists_builtins_sorted():
