@@ -47,7 +47,11 @@ def git_state(root: Path = ROOT) -> dict[str, Any]:
     if commit is None:
         return {"commit": None, "short": None, "dirty": None, "branch": None}
     status = git("status", "--porcelain")
-    return {"commit": commit, "short": commit[:7], "dirty": bool(status), "branch": git("rev-parse", "--abbrev-ref", "HEAD")}
+    # Results are not code: run folders kept under results/ (e.g. by `--preset all`, which
+    # writes one before starting the next) must not mark the measured code as modified.
+    changed = [line for line in (status or "").splitlines() if not line[3:].strip('"').startswith("results/")]
+    return {"commit": commit, "short": commit[:7], "dirty": bool(changed),
+            "branch": git("rev-parse", "--abbrev-ref", "HEAD")}
 
 
 def utc_now() -> _dt.datetime:

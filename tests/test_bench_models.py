@@ -136,3 +136,23 @@ def test_old_config_loads_and_expands_to_layer_cells():
     assert config.scope == "layer" and config.preset is None
     cells = expand(config)
     assert [c.kernel_size for c in cells] == [2, 3] and all(c.scope == "layer" and c.levels is None for c in cells)
+
+
+def test_kept_results_do_not_mark_the_code_dirty(tmp_path):
+    """`--preset all` writes each preset's run folder under results/ before the next starts."""
+    from bench.runs import git_state
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True,
+                       env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                            "GIT_COMMITTER_EMAIL": "t@t"})
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("commit", "-q", "-m", "c")
+    (tmp_path / "results" / "quick" / "cifar").mkdir(parents=True)
+    (tmp_path / "results" / "quick" / "cifar" / "results.jsonl").write_text("{}\n")
+    assert git_state(tmp_path)["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_state(tmp_path)["dirty"] is True
