@@ -35,7 +35,7 @@ examples:
 _SWEEP_SETTINGS = ("sweep", "layers", "device", "dtype", "channels", "batch", "input_size", "kernel_size",
                    "repeat", "min_time", "warmup", "warmup_time", "max_time", "timeout", "no_isolate", "full",
                    "threads", "seed", "cold_cache", "directions", "option", "scope", "levels", "steps",
-                   "hidden_width", "mixing", "preset", "quick", "name")
+                   "hidden_width", "mixing", "preset", "quick", "name", "overwrite")
 
 # Per-device defaults: a 2-core CPU must finish the default input-size sweep in ~5 minutes.
 _TIMING_DEFAULTS = {
