@@ -143,8 +143,10 @@ def precheck(cell: Cell, directions: Iterable[str]) -> dict[str, Any] | None:
     """A record for a cell the layer declares unsupported, without starting a worker."""
     import layers
 
+    from .measure import check_cell
+
     try:
-        layers.info(cell.layer).check(cell.channels, cell.kernel_size, (cell.height, cell.width), cell.device)
+        check_cell(cell)
     except layers.UnsupportedError as exc:
         return assemble(cell, [{"type": "cell", "status": "unsupported", "message": str(exc)}], directions)
     return None

@@ -246,36 +246,37 @@ def _all_finite(out: Any) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors if isinstance(t, torch.Tensor))
 
 
-def measure_cell(cell: Cell, policy: TimingPolicy, emit: Emit, *, seed: int = 0, threads: int | None = None,
-                 directions: tuple[str, ...] = DIRECTIONS) -> None:
-    """Measure every direction of ``cell``, calling ``emit`` once per direction, then once with
-    ``{"type": "cell", ...}`` (parameters, reconstruction error, cell-level status)."""
+def check_cell(cell: Cell) -> None:
+    """Raise ``layers.UnsupportedError`` (or ``LayerError``) for a cell that cannot be built,
+    without building anything: the layer's declared capabilities, checked at the layer's own
+    shape or, for a model cell, at every level of the model."""
     import layers
 
-    t0 = time.perf_counter()
-    configure_allocator()
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    device = torch.device(cell.device)
-    final: dict[str, Any] = {"type": "cell", "threads": torch.get_num_threads(), "pid": os.getpid()}
-    try:
-        layers.info(cell.layer).check(cell.channels, cell.kernel_size, (cell.height, cell.width), device)
-        dtype = _dtype(cell.dtype)
-        layer = layers.create(cell.layer, cell.channels, kernel_size=cell.kernel_size,
-                              input_size=(cell.height, cell.width), **cell.options).to(device=device, dtype=dtype)
-        x = torch.randn(cell.batch, cell.channels, cell.height, cell.width, device=device, dtype=dtype)
-        z_prior = torch.randn_like(x)
-    except Exception as exc:  # noqa: BLE001 - recorded as the cell's status
-        final["status"], final["message"] = classify_exception(exc)
-        final["traceback"] = traceback.format_exc(limit=8)
-        final["wall_s"] = time.perf_counter() - t0
-        emit(final)
-        return
+    if cell.scope == "model":
+        from .models import check_model
 
-    final["params"] = sum(p.numel() for p in layer.parameters() if p.requires_grad)
-    clock = _Clock(device, policy.cold_cache)
-    nvml = _Nvml(device) if device.type == "cuda" else None
+        check_model(cell.layer, cell.channels, (cell.height, cell.width), cell.levels, cell.kernel_size, cell.device)
+    else:
+        layers.info(cell.layer).check(cell.channels, cell.kernel_size, (cell.height, cell.width), cell.device)
+
+
+@dataclass
+class _Subject:
+    """What a cell times: the module, one callable per direction, and the round trip."""
+
+    module: torch.nn.Module
+    fns: dict[str, Callable[[], Any]]
+    round_trip: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # (x, inverse(forward(x)))
+    extra: dict[str, Any]
+
+
+def _layer_subject(cell: Cell, device: torch.device, dtype: torch.dtype) -> _Subject:
+    import layers
+
+    layer = layers.create(cell.layer, cell.channels, kernel_size=cell.kernel_size,
+                          input_size=(cell.height, cell.width), **cell.options).to(device=device, dtype=dtype)
+    x = torch.randn(cell.batch, cell.channels, cell.height, cell.width, device=device, dtype=dtype)
+    z_prior = torch.randn_like(x)
 
     def forward():
         with torch.no_grad():
@@ -293,7 +294,77 @@ def measure_cell(cell: Cell, policy: TimingPolicy, emit: Emit, *, seed: int = 0,
         loss.backward()
         return z, logdet, loss
 
-    fns = {"forward": forward, "sampling": sampling, "train": train}
+    def round_trip():
+        with torch.no_grad():
+            return x, layer.inverse(layer(x)[0])
+
+    return _Subject(layer, {"forward": forward, "sampling": sampling, "train": train}, round_trip, {})
+
+
+def _model_subject(cell: Cell, device: torch.device, dtype: torch.dtype) -> _Subject:
+    """A flow model (SPEC.md §6): forward = the density pass giving log p(x), sampling =
+    ``sample(batch)`` (latents drawn from N(0, I), then every inverse), train = the density pass
+    plus the backward of ``−mean log p(x)``."""
+    from .models import FlowModel
+
+    model = FlowModel(cell.layer, cell.channels, (cell.height, cell.width), levels=cell.levels, steps=cell.steps,
+                      width=cell.hidden_width, kernel_size=cell.kernel_size, layer_options=cell.options,
+                      mixing=cell.mixing or "auto").to(device=device, dtype=dtype)
+    # Image-like input: dequantised intensities in [0, 1).
+    x = torch.rand(cell.batch, cell.channels, cell.height, cell.width, device=device, dtype=dtype)
+    model.initialize(x)  # ActNorm's data-dependent initialisation, once, before anything is timed
+
+    def forward():
+        with torch.no_grad():
+            return model.log_prob(x)
+
+    def sampling():
+        with torch.no_grad():
+            return model.sample(cell.batch)
+
+    def train():
+        model.zero_grad(set_to_none=True)
+        loss = -model.log_prob(x).float().mean()
+        loss.backward()
+        return loss
+
+    def round_trip():
+        with torch.no_grad():
+            return x, model.inverse(model(x)[0])
+
+    return _Subject(model, {"forward": forward, "sampling": sampling, "train": train}, round_trip,
+                    {"model": model.describe(), "mixing_used": list(model.mixing_used)})
+
+
+def measure_cell(cell: Cell, policy: TimingPolicy, emit: Emit, *, seed: int = 0, threads: int | None = None,
+                 directions: tuple[str, ...] = DIRECTIONS) -> None:
+    """Measure every direction of ``cell``, calling ``emit`` once per direction, then once with
+    ``{"type": "cell", ...}`` (parameters, reconstruction error, cell-level status)."""
+    t0 = time.perf_counter()
+    configure_allocator()
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    device = torch.device(cell.device)
+    final: dict[str, Any] = {"type": "cell", "threads": torch.get_num_threads(), "pid": os.getpid()}
+    try:
+        check_cell(cell)
+        dtype = _dtype(cell.dtype)
+        build = _model_subject if cell.scope == "model" else _layer_subject
+        subject = build(cell, device, dtype)
+    except Exception as exc:  # noqa: BLE001 - recorded as the cell's status
+        final["status"], final["message"] = classify_exception(exc)
+        final["traceback"] = traceback.format_exc(limit=8)
+        final["wall_s"] = time.perf_counter() - t0
+        emit(final)
+        return
+
+    final["params"] = sum(p.numel() for p in subject.module.parameters() if p.requires_grad)
+    final.update(subject.extra)
+    clock = _Clock(device, policy.cold_cache)
+    nvml = _Nvml(device) if device.type == "cuda" else None
+
+    fns = subject.fns
     for direction in directions:
         record: dict[str, Any] = {"type": "direction", "direction": direction}
         try:
@@ -319,9 +390,8 @@ def measure_cell(cell: Cell, policy: TimingPolicy, emit: Emit, *, seed: int = 0,
         emit(record)
 
     try:
-        with torch.no_grad():
-            x_back = layer.inverse(layer(x)[0])
-            err = (x_back - x).abs().max().item()
+        x, x_back = subject.round_trip()
+        err = (x_back - x).abs().max().item()
         final["recon_error"] = err if math.isfinite(err) else float("nan")
     except Exception as exc:  # noqa: BLE001
         final["recon_error"] = None

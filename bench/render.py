@@ -21,6 +21,12 @@ DIRECTION_TITLES = {
     "sampling": "Sampling (inverse direction, z → x)",
     "train": "Train step (density forward + backward of ½‖z‖² − log det)",
 }
+# Model cells (bench/models.py) time whole flows: the same three directions, model-level.
+MODEL_DIRECTION_TITLES = {
+    "forward": "Forward (model density pass giving log p(x))",
+    "sampling": "Sampling (model sample(n): latents from N(0, I), every inverse)",
+    "train": "Train step (model density pass + backward of −mean log p(x))",
+}
 METRIC_TITLES = {
     "median": "time in ms, median [p20–p80]",
     "mean": "time in ms, mean ± std",
@@ -167,7 +173,8 @@ def build_table(records: list[dict[str, Any]], sweep: list[str], metric: str, di
         notes.insert(0, f"{NO_KERNEL_MARK} kernel size does not apply to this layer: one measurement, shown in every column.")
     title = METRIC_TITLES[metric]
     if direction:
-        title = f"{DIRECTION_TITLES[direction]} — {title}"
+        titles = MODEL_DIRECTION_TITLES if any(r["cell"].get("scope") == "model" for r in records) else DIRECTION_TITLES
+        title = f"{titles[direction]} — {title}"
     if column:
         title += f", by {AXIS_TITLES[column]}"
     return Table(title, headers, rows, notes)
@@ -208,7 +215,9 @@ def describe_run(config: dict[str, Any], env: dict[str, Any] | None) -> list[str
         hw = env.get("cpu", {}).get("model", "unknown CPU")
     threads = config.get("threads") or env.get("torch", {}).get("threads")
     git = env.get("git", {})
-    fixed = [f"{AXIS_TITLES[a]} {_fmt_values(config['values'][a])}" for a in AXES
+    model_scope = config.get("scope") == "model"
+    axis_titles = {**AXIS_TITLES, "channels": "image channels"} if model_scope else AXIS_TITLES
+    fixed = [f"{axis_titles[a]} {_fmt_values(config['values'][a])}" for a in AXES
              if a not in config.get("sweep", []) and len(config["values"][a]) == 1]
     lines = [
         f"Device: {device} ({hw}), dtype {config['dtype']}, torch {env.get('torch', {}).get('version', '?')}, "
@@ -217,6 +226,7 @@ def describe_run(config: dict[str, Any], env: dict[str, Any] | None) -> list[str
         f"fixed: {', '.join(fixed) or 'nothing'}.",
         f"Code: {git.get('short') or 'unknown'}{' (dirty)' if git.get('dirty') else ''}; "
         f"solver: {_solver_text(env, device)}.",
+        *([_describe_model(config)] if model_scope else []),
         "Timing: median of ≥ {r} samples and ≥ {t:g} s after ≥ {w} warm-up calls and ≥ {wt:g} s; "
         "band p20–p80.".format(r=config["repeat"], t=config["min_time"], w=config["warmup"], wt=config["warmup_time"]),
     ]
@@ -228,6 +238,17 @@ def describe_run(config: dict[str, Any], env: dict[str, Any] | None) -> list[str
                      + (" (isolated process per cell)." if config.get("isolate", True) else
                         " (--no-isolate: earlier cells' freed memory may be reused, so this can under-report)."))
     return lines
+
+
+def _describe_model(config: dict[str, Any]) -> str:
+    m = config.get("model", {})
+    preset = config.get("preset") or {}
+    text = (f"Models: Glow-style flows around each layer (bench/models.py), {m.get('levels')} levels × "
+            f"{m.get('steps')} steps of ActNorm → layer → [1×1] → affine coupling (hidden width "
+            f"{m.get('hidden_width')}), 1×1 mixing {m.get('mixing', 'auto')}; channels and input size are the image's.")
+    if preset:
+        text += f" Preset {preset.get('name')}" + (f" --quick: {preset.get('quick_note')}." if preset.get("quick") else ".")
+    return text
 
 
 def _solver_text(env: dict[str, Any], device: str) -> str:

@@ -23,6 +23,8 @@ def markdown_report(config: dict[str, Any], env: dict[str, Any], records: list[d
 
 
 def write_tables(run_dir: str | Path) -> list[Path]:
+    """``table.md``, ``table.csv``, ``table.tex``; for a preset's run also ``paper.md`` and
+    ``paper.tex`` (ours beside the published table)."""
     path, config, env, records = load_run(run_dir)
     if not records:
         return []
@@ -31,7 +33,31 @@ def write_tables(run_dir: str | Path) -> list[Path]:
     (path / "table.csv").write_text(render.to_csv(records))
     latex_tables = render.tables(records, sweep, ["median", "memory", "params"])
     (path / "table.tex").write_text(render.to_latex(latex_tables, render.describe_run(config, env)))
-    return [path / "table.md", path / "table.csv", path / "table.tex"]
+    written = [path / "table.md", path / "table.csv", path / "table.tex"]
+    table_id = (config.get("preset") or {}).get("paper_table")
+    if table_id:
+        for fmt, fname in (("md", "paper.md"), ("latex", "paper.tex")):
+            (path / fname).write_text(render_paper_table(table_id, config, env, records, fmt))
+            written.append(path / fname)
+    return written
+
+
+def render_paper_table(table_id: str, config: dict[str, Any], env: dict[str, Any], records: list[dict[str, Any]],
+                       fmt: str = "md") -> str:
+    """The published table ``table_id`` with our ``records`` beside it (md, latex or csv)."""
+    from . import paper
+
+    table = paper.render_paper(paper.load_table(table_id), config, env, records)
+    if fmt == "latex":
+        return paper.to_latex(table)
+    if fmt == "csv":
+        return paper.to_csv(table)
+    return render.to_markdown([table])
+
+
+def paper_report(run_dir: str | Path, table_id: str, fmt: str = "md") -> str:
+    _, config, env, records = load_run(run_dir)
+    return render_paper_table(table_id, config, env, records, fmt)
 
 
 def write_plots(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:

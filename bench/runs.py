@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -28,6 +29,8 @@ COLUMNS = [
     "median_ms", "p20_ms", "p80_ms", "mean_ms", "std_ms", "peak_mem_bytes", "params", "recon_error",
     "n", "first_call_ms", "threads", "options", "message",
 ]
+# Appended to the columns when a run has model cells (so layer runs keep their CSV unchanged).
+MODEL_COLUMNS = ["scope", "levels", "steps", "hidden_width", "mixing"]
 
 
 def git_state(root: Path = ROOT) -> dict[str, Any]:
@@ -44,20 +47,40 @@ def git_state(root: Path = ROOT) -> dict[str, Any]:
     if commit is None:
         return {"commit": None, "short": None, "dirty": None, "branch": None}
     status = git("status", "--porcelain")
-    return {"commit": commit, "short": commit[:7], "dirty": bool(status), "branch": git("rev-parse", "--abbrev-ref", "HEAD")}
+    # Results are not code: run folders kept under results/ (e.g. by `--preset all`, which
+    # writes one before starting the next) must not mark the measured code as modified.
+    changed = [line for line in (status or "").splitlines() if not line[3:].strip('"').startswith("results/")]
+    return {"commit": commit, "short": commit[:7], "dirty": bool(changed),
+            "branch": git("rev-parse", "--abbrev-ref", "HEAD")}
 
 
 def utc_now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
 
-def new_run_dir(out_root: str | os.PathLike, git: dict[str, Any] | None = None) -> Path:
-    """Create ``<out_root>/<UTC timestamp>_<sha>[-dirty]`` (suffixed if it exists already)."""
+def new_run_dir(out_root: str | os.PathLike, git: dict[str, Any] | None = None, name: str | None = None,
+                overwrite: bool = False) -> Path:
+    """Create ``<out_root>/<UTC timestamp>_<sha>[-dirty]`` (suffixed if it exists already), or
+    ``<out_root>/<name>`` when a name is given: ``FileExistsError`` if that exists, unless
+    ``overwrite`` and it is a run folder (then it is replaced)."""
+    root = Path(out_root)
+    root.mkdir(parents=True, exist_ok=True)
+    if name is not None:
+        if not name or "/" in name or name in (".", ".."):
+            raise FileExistsError(f"invalid run folder name {name!r}")
+        path = root / name
+        if path.exists():
+            if not overwrite:
+                raise FileExistsError(f"{path} exists; choose another --name or add --overwrite")
+            if not (path / CONFIG).exists():
+                # Only ever delete what a run wrote: a folder without config.json may be anything.
+                raise FileExistsError(f"{path} exists and is not a run folder (no {CONFIG}); not replacing it")
+            shutil.rmtree(path)
+        path.mkdir()
+        return path
     git = git if git is not None else git_state()
     sha = git.get("short") or "nogit"
     name = f"{utc_now():%Y%m%dT%H%M%SZ}_{sha}{'-dirty' if git.get('dirty') else ''}"
-    root = Path(out_root)
-    root.mkdir(parents=True, exist_ok=True)
     path = root / name
     i = 1
     while True:
@@ -139,6 +162,7 @@ def long_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "threads": r.get("threads"),
                 "options": json.dumps(cell.get("options") or {}, sort_keys=True) if cell.get("options") else "",
                 "message": d.get("message") or "",
+                **{k: cell.get(k) for k in MODEL_COLUMNS},
             })
     return rows
 
@@ -147,9 +171,11 @@ def long_frame(records: list[dict[str, Any]]):
     """The records as a long-format ``pandas.DataFrame`` (the CSV's content)."""
     import pandas as pd
 
-    df = pd.DataFrame(long_rows(records), columns=COLUMNS)
+    models = any(r["cell"].get("scope") == "model" for r in records)
+    df = pd.DataFrame(long_rows(records), columns=COLUMNS + (MODEL_COLUMNS if models else []))
     # Nullable integers, so a missing value does not turn a whole column into floats ("3.0").
-    for col in ("batch", "channels", "height", "width", "kernel_size", "n", "peak_mem_bytes", "params", "threads"):
+    for col in ("batch", "channels", "height", "width", "kernel_size", "n", "peak_mem_bytes", "params", "threads",
+                *(("levels", "steps", "hidden_width") if models else ())):
         df[col] = df[col].astype("Int64")
     return df
 

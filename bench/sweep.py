@@ -31,9 +31,21 @@ FIXED_CPU: dict[str, int] = {"input_size": 32, "batch": 8, "kernel_size": 3, "ch
 DIRECTIONS = ("forward", "sampling", "train")
 
 
+SCOPES = ("layer", "model")
+MIXING_MODES = ("auto", "always", "never")  # when a model step adds a 1×1 after the layer (bench/models.py)
+# Fields of a model cell that a layer cell does not have (None there).
+MODEL_FIELDS = ("levels", "steps", "hidden_width", "mixing")
+
+
 @dataclass(frozen=True)
 class Cell:
-    """One measurement: a layer at one shape, device and dtype."""
+    """One measurement: a layer, or a flow model built around a layer, at one shape, device and dtype.
+
+    For a layer cell (``scope="layer"``) ``channels``, ``height`` and ``width`` are the layer's
+    input. For a model cell (``scope="model"``, see :mod:`bench.models`) they are the *image's*
+    (3 or 1 channels, before any squeeze), and ``levels``, ``steps``, ``hidden_width`` (of the
+    coupling networks) and ``mixing`` describe the model.
+    """
 
     layer: str
     device: str
@@ -44,14 +56,29 @@ class Cell:
     width: int
     kernel_size: int | None  # None: the layer has no kernel size
     options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    scope: str = "layer"
+    levels: int | None = None
+    steps: int | None = None
+    hidden_width: int | None = None
+    mixing: str | None = None
 
     def key(self) -> str:
-        """Stable identity used to match records (resume, compare)."""
+        """Stable identity used to match records (resume, compare).
+
+        A layer cell's key has only the original fields, so records written before model cells
+        existed still match.
+        """
         d = asdict(self)
+        if self.scope == "layer":
+            for name in ("scope", *MODEL_FIELDS):
+                d.pop(name)
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     def label(self) -> str:
         k = "k=n/a" if self.kernel_size is None else f"k={self.kernel_size}"
+        if self.scope == "model":
+            return (f"{self.layer} model L={self.levels} K={self.steps} w={self.hidden_width} B={self.batch} "
+                    f"{self.channels}x{self.height}x{self.width} {k} {self.device}/{self.dtype}")
         return f"{self.layer} B={self.batch} C={self.channels} {self.height}x{self.width} {k} {self.device}/{self.dtype}"
 
     @staticmethod
@@ -80,6 +107,9 @@ class SweepConfig:
     cold_cache: bool = False
     directions: list[str] = field(default_factory=lambda: list(DIRECTIONS))
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-layer create() options
+    scope: str = "layer"  # "layer" or "model"; configs written before model cells exist are layer sweeps
+    model: dict[str, Any] = field(default_factory=dict)  # model scope: levels, steps, hidden_width, mixing
+    preset: dict[str, Any] | None = None  # the preset this run came from: name, paper table, quick, notes
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,6 +119,12 @@ class SweepConfig:
         return SweepConfig(**d)
 
 
+# Model settings when none are given: the comparison tables' model (2 levels of 16 steps,
+# SPEC.md §6). The coupling width 128 is the power of two that puts our Inverse-Flow CIFAR model
+# nearest the published parameter count (1.63 M against 1.76 M); the papers do not state theirs.
+MODEL_DEFAULTS: dict[str, Any] = {"levels": 2, "steps": 16, "hidden_width": 128, "mixing": "auto"}
+
+
 def default_values(device: str, sweep: list[str], full: bool) -> dict[str, list[int]]:
     grid = PAPER_GRID if (full or device == "cuda") else CPU_GRID
     fixed = FIXED_GPU if device == "cuda" else FIXED_CPU
@@ -96,7 +132,7 @@ def default_values(device: str, sweep: list[str], full: bool) -> dict[str, list[
 
 
 def expand(config: SweepConfig) -> list[Cell]:
-    """Every (layer × axis values) cell, in a stable order.
+    """Every (layer × axis values) cell, in a stable order; model cells for ``scope="model"``.
 
     Layers whose kernel size does not apply get one cell per combination of the other axes with
     ``kernel_size=None`` instead of one per k, so a kernel-size sweep does not repeat them.
@@ -106,6 +142,11 @@ def expand(config: SweepConfig) -> list[Cell]:
     cells: list[Cell] = []
     seen: set[str] = set()
     v = config.values
+    model: dict[str, Any] = {}
+    if config.scope == "model":
+        model = {"scope": "model", **{f: config.model.get(f, MODEL_DEFAULTS[f]) for f in MODEL_FIELDS}}
+    elif config.scope != "layer":
+        raise ValueError(f"unknown scope {config.scope!r}; accepted: {', '.join(SCOPES)}")
     for name in config.layers:
         kernel_applies = layers.info(name).kernel_size_applies
         for size, batch, k, channels in itertools.product(v["input_size"], v["batch"], v["kernel_size"], v["channels"]):
@@ -113,7 +154,7 @@ def expand(config: SweepConfig) -> list[Cell]:
             cell = Cell(
                 layer=name, device=config.device, dtype=config.dtype, batch=batch, channels=channels,
                 height=height, width=width, kernel_size=k if kernel_applies else None,
-                options=dict(config.options.get(name, {})),
+                options=dict(config.options.get(name, {})), **model,
             )
             if cell.key() not in seen:
                 seen.add(cell.key())

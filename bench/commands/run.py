@@ -1,8 +1,12 @@
-"""``python -m bench run``: sweep layers over input size, batch and/or kernel size.
+"""``python -m bench run``: sweep layers (or flow models) over input size, batch and/or kernel size.
 
 A sweep expands into cells; each cell is measured in its own process (forward, sampling and
 train time, peak memory, parameters, reconstruction error) and appended to the run folder's
 ``results.jsonl`` as soon as it finishes; tables and plots are rendered at the end.
+
+``--scope model`` times whole Glow-style flows around each layer (bench/models.py) instead of
+single layers; ``--preset NAME`` runs the spec file of one published table (bench/presets/) and
+renders ours beside the published numbers (``paper.md``, ``paper.tex``).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import sys
 from pathlib import Path
 
 from ..cli import UsageError
-from ..sweep import DIRECTIONS, SWEEPABLE
+from ..sweep import DIRECTIONS, MIXING_MODES, SCOPES, SWEEPABLE
 
 HELP = "measure layers over a sweep of input size, batch and/or kernel size"
 DESCRIPTION = __doc__ + """
@@ -21,19 +25,26 @@ examples:
   python -m bench run --sweep input_size
   python -m bench run --sweep kernel_size --layers inverse-flow,finc --batch 16
   python -m bench run --sweep batch --sweep input_size --full --device cuda
+  python -m bench run --scope model --sweep kernel_size --layers inverse-flow --levels 2 --steps 8
+  python -m bench run --preset ablation-kernel-size --quick
+  python -m bench run --preset all --quick --out results/quick --name {preset} --overwrite
   python -m bench run --resume results/runs/20261122T101500Z_abc1234
 """
 
 # Settings that --resume takes from the run folder instead of the command line.
 _SWEEP_SETTINGS = ("sweep", "layers", "device", "dtype", "channels", "batch", "input_size", "kernel_size",
                    "repeat", "min_time", "warmup", "warmup_time", "max_time", "timeout", "no_isolate", "full",
-                   "threads", "seed", "cold_cache", "directions", "option")
+                   "threads", "seed", "cold_cache", "directions", "option", "scope", "levels", "steps",
+                   "hidden_width", "mixing", "preset", "quick", "name", "overwrite")
 
 # Per-device defaults: a 2-core CPU must finish the default input-size sweep in ~5 minutes.
 _TIMING_DEFAULTS = {
     "cpu": {"repeat": 5, "min_time": 0.3, "max_time": 5.0},
     "cuda": {"repeat": 20, "min_time": 1.0, "max_time": 10.0},
 }
+# Model cells without a preset: the comparison tables' model on a GPU; fewer steps on a CPU,
+# where the pure-PyTorch solves make a 16-step model take seconds per call.
+_MODEL_STEPS_DEFAULT = {"cpu": 4, "cuda": 16}
 
 
 def _positive_ints(text: str) -> list[int]:
@@ -108,6 +119,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--option", type=_option, action="append", metavar="LAYER:KEY=VALUE",
                    help="a layer construction option, e.g. woodbury:variant=me (repeatable)")
 
+    m = p.add_argument_group("flow models (--scope model; see bench/models.py)")
+    m.add_argument("--scope", choices=SCOPES,
+                   help="layer: time single layers (default); model: time a Glow-style flow built around each layer "
+                        "(then --channels is the image's channel count, default 3, and --input-size the image's size)")
+    m.add_argument("--levels", type=lambda s: _positive_ints(s)[0], metavar="L", help="model levels (default 2)")
+    m.add_argument("--steps", type=lambda s: _positive_ints(s)[0], metavar="K",
+                   help="model steps per level (default 16 on a GPU, 4 on a CPU)")
+    m.add_argument("--width", "--hidden-width", dest="hidden_width", type=lambda s: _positive_ints(s)[0],
+                   metavar="W", help="hidden channels of the coupling networks (default 128)")
+    m.add_argument("--mixing", choices=MIXING_MODES,
+                   help="1x1 mixing after the layer: auto (where the layer does not mix all channels; default), "
+                        "always, never")
+
+    r = p.add_argument_group("presets: the published tables as spec files (bench/presets/)")
+    r.add_argument("--preset", metavar="NAME",
+                   help="run a preset (settings given on the command line override it); 'all' runs every preset, "
+                        "one run folder each")
+    r.add_argument("--quick", action="store_true",
+                   help="the preset's [quick] settings: a few minutes on a CPU (smaller images, batches or models; "
+                        "the preset's note says which)")
+    r.add_argument("--list-presets", action="store_true", help="list the presets and exit")
+
     t = p.add_argument_group("how to measure")
     t.add_argument("--repeat", type=lambda s: _positive_ints(s)[0], metavar="N",
                    help="minimum samples per direction (default 5 on CPU, 20 on GPU)")
@@ -128,6 +161,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("where results go")
     o.add_argument("--out", metavar="DIR", default="results/runs",
                    help="folder in which the run folder is created (default results/runs)")
+    o.add_argument("--name", metavar="NAME",
+                   help="name of the run folder instead of <UTC timestamp>_<git sha>; '{preset}' is replaced by the "
+                        "preset's name")
+    o.add_argument("--overwrite", action="store_true",
+                   help="with --name: replace an existing run folder of that name")
     o.add_argument("--resume", metavar="RUN_DIR",
                    help="finish an interrupted run, skipping its finished cells (settings come from RUN_DIR)")
     o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -138,34 +176,50 @@ def _flatten(lists):
     return [x for sub in lists for x in sub] if lists else None
 
 
-def resolve_config(args: argparse.Namespace):
-    """A :class:`SweepConfig` from the command line, with clear errors for bad requests."""
+def resolve_config(args: argparse.Namespace, preset_name: str | None = None):
+    """A :class:`SweepConfig` from the command line (on top of ``preset_name``'s settings, if
+    given), with clear errors for bad requests."""
     import torch
 
     import layers
 
-    from ..sweep import SweepConfig, default_values
+    from ..sweep import MODEL_DEFAULTS, SweepConfig, default_values
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device cuda: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    preset, base = None, {}
+    if preset_name:
+        preset = _load_preset(preset_name)
+        base = preset.settings(quick=args.quick)
+
     names = _flatten(args.layers)
     if names is None:
-        names = layers.available()
+        names = base.get("layers", "all")
+        names = layers.available() if names == "all" else names
     for name in names:
         try:
             layers.info(name)
         except layers.LayerError as exc:
-            raise UsageError(str(exc)) from None
+            raise UsageError(f"{exc}" + (f" (named by preset {preset.name})" if preset else "")) from None
     if len(set(names)) != len(names):
         names = list(dict.fromkeys(names))
-    sweep = list(dict.fromkeys(_flatten(args.sweep) or []))
-    values = default_values(device, sweep, args.full)
+    scope = args.scope or (preset.scope if preset else "layer")
+    sweep = list(dict.fromkeys(_flatten(args.sweep) or base.get("sweep", [])))
+    if preset and not args.sweep:
+        values = {axis: list(v) for axis, v in base["values"].items()}
+    else:
+        values = default_values(device, sweep, args.full)
+        if scope == "model":
+            values["channels"] = [3]  # the image's channels (a model squeezes them to 12 itself)
+        for axis in sweep:  # a preset's grid for an axis it sweeps, when --sweep names it again
+            if axis in base.get("values", {}) and len(base["values"][axis]) > 1:
+                values[axis] = list(base["values"][axis])
     for axis, given in (("channels", args.channels), ("batch", args.batch), ("input_size", args.input_size),
                         ("kernel_size", args.kernel_size)):
         if given:
             values[axis] = given
-    directions = args.directions or list(DIRECTIONS)
+    directions = args.directions or base.get("directions") or list(DIRECTIONS)
     for d in directions:
         if d not in DIRECTIONS:
             raise UsageError(f"unknown direction {d!r}; accepted: {', '.join(DIRECTIONS)}")
@@ -174,24 +228,82 @@ def resolve_config(args: argparse.Namespace):
         if layer not in names:
             raise UsageError(f"--option {layer}:{key}: layer {layer!r} is not in this run ({', '.join(names)})")
         options.setdefault(layer, {})[key] = value
-    timing = _TIMING_DEFAULTS[device]
-    for name, value in (("--timeout", args.timeout), ("--min-time", args.min_time), ("--max-time", args.max_time),
-                        ("--warmup-time", args.warmup_time)):
-        if value is not None and value < 0:
-            raise UsageError(f"{name} must be >= 0, got {value}")
+    model: dict = {}
+    if scope == "model":
+        model = {**MODEL_DEFAULTS, "steps": _MODEL_STEPS_DEFAULT[device], **base.get("model", {})}
+        for key in ("levels", "steps", "hidden_width", "mixing"):
+            if getattr(args, key) is not None:
+                model[key] = getattr(args, key)
+    timing = {**_TIMING_DEFAULTS[device], "warmup": 3, "warmup_time": 0.2, "timeout": 300.0,
+              **base.get("timing", {})}
+    threads = args.threads or timing.pop("threads", None)
+    for key in ("repeat", "min_time", "max_time", "warmup", "warmup_time", "timeout"):
+        value = getattr(args, key)
+        if value is not None:
+            if value < 0:
+                raise UsageError(f"--{key.replace('_', '-')} must be >= 0, got {value}")
+            timing[key] = value
     return SweepConfig(
         layers=names, sweep=sweep, values=values, device=device, dtype=args.dtype or "float32",
-        repeat=args.repeat or timing["repeat"],
-        min_time=timing["min_time"] if args.min_time is None else args.min_time,
-        warmup=args.warmup or 3, warmup_time=0.2 if args.warmup_time is None else args.warmup_time,
-        max_time=timing["max_time"] if args.max_time is None else args.max_time,
-        timeout=300.0 if args.timeout is None else args.timeout, isolate=not args.no_isolate,
-        threads=args.threads or (torch.get_num_threads() if device == "cpu" else None),
+        repeat=timing["repeat"], min_time=timing["min_time"], warmup=timing["warmup"],
+        warmup_time=timing["warmup_time"], max_time=timing["max_time"], timeout=float(timing["timeout"]),
+        isolate=not args.no_isolate, threads=threads or (torch.get_num_threads() if device == "cpu" else None),
         seed=args.seed or 0, cold_cache=args.cold_cache, directions=directions, options=options,
+        scope=scope, model=model, preset=preset.record(args.quick) if preset else None,
     )
 
 
+def _load_preset(name: str):
+    from .. import presets
+
+    try:
+        return presets.load(name)
+    except presets.PresetError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Contradictions in the command line, found before anything heavy is imported."""
+    if args.quick and not args.preset:
+        raise UsageError("--quick shrinks a preset; give --preset NAME (see --list-presets)")
+    if args.preset and args.preset != "all":
+        preset_scope = _load_preset(args.preset).scope
+    else:
+        preset_scope = "model" if args.preset == "all" else None
+    if (args.scope or preset_scope or "layer") != "model":
+        given = [f"--{k.replace('_', '-')}" for k in ("levels", "steps", "hidden_width", "mixing")
+                 if getattr(args, k) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} describe a model: add --scope model")
+    if args.overwrite and not args.name:
+        raise UsageError("--overwrite replaces a run folder named by --name; give --name")
+    if args.preset == "all" and args.name and "{preset}" not in args.name:
+        raise UsageError("--preset all runs several presets: --name needs '{preset}' in it")
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.list_presets:
+        from .presets import print_presets
+
+        return print_presets()
+    if not args.resume:
+        _check_args(args)
+    if args.preset == "all":
+        from .. import presets
+
+        if args.resume:
+            raise UsageError("--preset all cannot be resumed as one run; resume each preset's run folder")
+        status = 0
+        for name in presets.names():
+            print(f"=== preset {name}", file=sys.stderr)
+            status = max(status, run_one(args, name))
+            if status == 130:
+                break
+        return status
+    return run_one(args, args.preset)
+
+
+def run_one(args: argparse.Namespace, preset_name: str | None) -> int:
     from .. import runs
     from ..environment import collect
     from ..execute import run_cells
@@ -208,9 +320,13 @@ def main(args: argparse.Namespace) -> int:
         env.setdefault("resumed", []).append({k: v for k, v in collect().items() if k in ("timestamp_utc", "command", "git")})
         runs.write_json(run_dir / runs.ENV, env)
     else:
-        config = resolve_config(args)
+        config = resolve_config(args, preset_name)
         env = collect()
-        run_dir = runs.new_run_dir(args.out, env["git"])
+        name = args.name.replace("{preset}", preset_name or "run") if args.name else None
+        try:
+            run_dir = runs.new_run_dir(args.out, env["git"], name=name, overwrite=args.overwrite)
+        except FileExistsError as exc:
+            raise UsageError(str(exc)) from None
         runs.write_json(run_dir / runs.ENV, env)
         runs.write_json(run_dir / runs.CONFIG, config.to_json())
 
@@ -221,11 +337,20 @@ def main(args: argparse.Namespace) -> int:
     done = {r["key"] for r in runs.load_records(run_dir)}
     todo = [c for c in cells if c.key() not in done]
     print(f"run folder: {run_dir}", file=sys.stderr)
+    if config.preset:
+        p = config.preset
+        print(f"preset {p['name']}: {p['title']}; paper table {p['paper_table']}", file=sys.stderr)
+        if p.get("quick"):
+            print(f"--quick: {p['quick_note']}", file=sys.stderr)
+        elif config.device == "cpu":
+            print("warning: the full preset on a CPU can take hours; --quick shrinks it to minutes", file=sys.stderr)
     load, cpus = (os.getloadavg()[0] if hasattr(os, "getloadavg") else None), os.cpu_count() or 1
     if config.device == "cpu" and load is not None and load > 0.5 * cpus:
         print(f"warning: the machine is busy (1-minute load average {load:.1f} on {cpus} CPUs); "
               "CPU timings will be noisy", file=sys.stderr)
-    print(f"{len(cells)} cells ({len(cells) - len(todo)} already finished), {len(config.layers)} layers, "
+    what = "layers" if config.scope == "layer" else (
+        f"models of {config.model['levels']} levels x {config.model['steps']} steps around each of")
+    print(f"{len(cells)} cells ({len(cells) - len(todo)} already finished), {what} {len(config.layers)} layers, "
           f"device {config.device}, {config.dtype}, "
           f"{'one process per cell' if config.isolate else 'in-process'}", file=sys.stderr)
 
@@ -245,9 +370,11 @@ def main(args: argparse.Namespace) -> int:
     if not args.no_plots and records:
         write_plots(run_dir)
     if records:
-        from ..report import markdown_report
+        from ..report import markdown_report, paper_report
 
         print(markdown_report(runs.read_json(run_dir / runs.CONFIG), env, records, metrics=["median"]))
+        if config.preset:
+            print(paper_report(run_dir, config.preset["paper_table"], "md"))
     if interrupted:
         print(f"interrupted: {len(records)} of {len(cells)} cells are saved in {run_dir}\n"
               f"resume with: python -m bench run --resume {run_dir}", file=sys.stderr)

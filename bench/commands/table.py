@@ -1,11 +1,15 @@
-"""``python -m bench table RUN_DIR``: re-render a finished run's tables without re-measuring."""
+"""``python -m bench table RUN_DIR``: re-render a finished run's tables without re-measuring.
+
+``--paper ID`` renders a published table (results/paper/ID.toml) in the paper's layout with the
+run's measurements beside the published numbers.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-HELP = "render a run's tables (Markdown, CSV or LaTeX) from its records"
+HELP = "render a run's tables (Markdown, CSV or LaTeX) from its records, or beside a published table"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,19 +20,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metric", action="append", choices=METRICS, metavar="METRIC",
                         help=f"which tables, repeatable: {', '.join(METRICS)} (default: median, memory, params, "
                              "recon_error; CSV always has every column)")
+    parser.add_argument("--paper", metavar="TABLE",
+                        help="render the published table TABLE (an id of results/paper/, e.g. ablation-kernel-size, "
+                             "cifar, mnist, finc; 'preset' = the run's preset's table) with ours beside it, in the "
+                             "paper's layout")
     parser.add_argument("--write", action="store_true",
-                        help="also rewrite table.md, table.csv and table.tex in the run folder")
+                        help="also rewrite table.md, table.csv and table.tex (and paper.md, paper.tex for a preset's "
+                             "run) in the run folder")
 
 
 def main(args: argparse.Namespace) -> int:
     from .. import render
-    from ..report import load_run, markdown_report, write_tables
+    from ..cli import UsageError
+    from ..report import load_run, markdown_report, render_paper_table, write_tables
 
     path, config, env, records = load_run(args.run_dir)
     if not records:
         print(f"{path}: no finished cells yet", file=sys.stderr)
         return 1
-    if args.format == "csv":
+    if args.paper:
+        from ..paper import PaperTableError
+
+        table_id = args.paper
+        if table_id == "preset":
+            table_id = (config.get("preset") or {}).get("paper_table")
+            if not table_id:
+                raise UsageError(f"{path} was not run from a preset; name the table: --paper ID")
+        try:
+            sys.stdout.write(render_paper_table(table_id, config, env, records, args.format))
+        except PaperTableError as exc:
+            raise UsageError(str(exc)) from None
+    elif args.format == "csv":
         sys.stdout.write(render.to_csv(records))
     elif args.format == "latex":
         sys.stdout.write(render.to_latex(render.tables(records, config.get("sweep", []), args.metric),

@@ -1,0 +1,190 @@
+"""Presets: one TOML spec file per published table, run with ``python -m bench run --preset NAME``.
+
+A preset says everything a run needs to regenerate one table of the papers: which layers, which
+axis and values, the model, the timing policy, which published table to render beside it, and a
+``[quick]`` section that shrinks it to a few minutes on a CPU (``--quick``). The files sit next
+to this module (``bench/presets/<name>.toml``) and ship as package data.
+
+File format (every key but ``[quick]``'s content is required)::
+
+    name = "ablation-kernel-size"         # = the file name
+    title = "..."                         # one line
+    paper_table = "ablation-kernel-size"  # results/paper/<id>.toml rendered beside the run
+    description = "..."
+    scope = "model"                       # "model" or "layer"
+    layers = ["inverse-flow"]             # or "all": every available layer at run time
+    sweep = ["kernel_size"]               # the swept axes ([] for a comparison of layers)
+    directions = ["forward", "sampling", "train"]
+
+    [values]                              # every axis: input_size, batch, kernel_size, channels
+    kernel_size = [2, 3, 5, 7, 9, 11]
+    ...
+    [model]                               # scope "model": levels, steps, hidden_width, mixing
+    [timing]                              # repeat, min_time, max_time, warmup, warmup_time, timeout,
+                                          # threads (torch CPU threads)
+    [quick]                               # note (required) and overrides of layers, values, model,
+                                          # timing, directions for a CPU run
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PRESET_DIR = Path(__file__).resolve().parent
+ALL = "all"  # `--preset all`: every preset, one run folder each
+
+_TOP_KEYS = {"name", "title", "paper_table", "description", "scope", "layers", "sweep", "directions", "values",
+             "model", "timing", "quick"}
+_VALUE_KEYS = {"input_size", "batch", "kernel_size", "channels"}
+_MODEL_KEYS = {"levels", "steps", "hidden_width", "mixing"}
+_TIMING_KEYS = {"repeat", "min_time", "max_time", "warmup", "warmup_time", "timeout", "threads"}
+_QUICK_KEYS = {"note", "layers", "values", "model", "timing", "directions"}
+
+
+class PresetError(ValueError):
+    """A preset that does not exist or does not parse."""
+
+
+@dataclass
+class Preset:
+    """A parsed preset; :meth:`settings` gives the run settings, full or quick."""
+
+    name: str
+    title: str
+    paper_table: str
+    description: str
+    scope: str
+    layers: list[str] | str
+    sweep: list[str]
+    directions: list[str]
+    values: dict[str, list[Any]]
+    model: dict[str, Any] = field(default_factory=dict)
+    timing: dict[str, Any] = field(default_factory=dict)
+    quick: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    def settings(self, quick: bool = False) -> dict[str, Any]:
+        """The run settings: ``layers`` (names, or "all"), ``sweep``, ``directions``, ``values``,
+        ``model``, ``timing``, with the ``[quick]`` overrides applied when ``quick``."""
+        out = {"layers": copy.deepcopy(self.layers), "sweep": list(self.sweep), "directions": list(self.directions),
+               "values": copy.deepcopy(self.values), "model": dict(self.model), "timing": dict(self.timing)}
+        if quick:
+            q = self.quick
+            for key in ("layers", "directions"):
+                if key in q:
+                    out[key] = copy.deepcopy(q[key])
+            for key in ("values", "model", "timing"):
+                out[key].update(copy.deepcopy(q.get(key, {})))
+        return out
+
+    def record(self, quick: bool) -> dict[str, Any]:
+        """What a run folder's ``config.json`` keeps about the preset (rendering reads it)."""
+        return {"name": self.name, "title": self.title, "paper_table": self.paper_table, "quick": quick,
+                "quick_note": self.quick.get("note") if quick else None}
+
+
+def names(directory: Path = PRESET_DIR) -> list[str]:
+    return sorted(p.stem for p in Path(directory).glob("*.toml"))
+
+
+def load(name: str, directory: Path = PRESET_DIR) -> Preset:
+    path = Path(directory) / f"{name}.toml"
+    if not path.exists():
+        raise PresetError(f"unknown preset {name!r}; known: {', '.join(names(directory)) or '(none)'}, or {ALL!r}")
+    from ..paper import load_toml
+
+    try:
+        data = load_toml(path)
+    except Exception as exc:  # noqa: BLE001 - a syntax error in a spec file is reported, not raised raw
+        raise PresetError(f"{path}: {exc}") from None
+    return parse(data, path)
+
+
+def load_all(directory: Path = PRESET_DIR) -> list[Preset]:
+    return [load(n, directory) for n in names(directory)]
+
+
+def parse(d: dict[str, Any], path: Path | None = None) -> Preset:
+    """Validate the structure of a preset (names of layers and paper tables are checked by
+    :func:`validate`, which needs the registry)."""
+    from ..sweep import DIRECTIONS, SCOPES, SWEEPABLE
+
+    where = str(path) if path else "preset"
+
+    def need(cond: bool, message: str) -> None:
+        if not cond:
+            raise PresetError(f"{where}: {message}")
+
+    unknown = set(d) - _TOP_KEYS
+    need(not unknown, f"unknown key(s) {', '.join(sorted(unknown))}; accepted: {', '.join(sorted(_TOP_KEYS))}")
+    missing = (_TOP_KEYS - {"model", "timing", "quick"}) - set(d)
+    need(not missing, f"missing {', '.join(sorted(missing))}")
+    if path is not None:
+        need(d["name"] == path.stem, f"name {d['name']!r} must equal the file name {path.stem!r}")
+    need(d["scope"] in SCOPES, f"scope must be one of {', '.join(SCOPES)}")
+    need(d["layers"] == ALL or (isinstance(d["layers"], list) and d["layers"] and
+                                all(isinstance(x, str) for x in d["layers"])),
+         f"layers must be {ALL!r} or a list of layer names")
+    need(all(a in SWEEPABLE for a in d["sweep"]), f"sweep axes must be among {', '.join(SWEEPABLE)}")
+
+    def check_directions(ds: Any) -> None:
+        need(isinstance(ds, list) and ds and all(x in DIRECTIONS for x in ds),
+             f"directions must be a non-empty list of {', '.join(DIRECTIONS)}")
+
+    def check_values(values: dict[str, Any], full: bool) -> None:
+        need(set(values) <= _VALUE_KEYS, f"values: unknown axis among {sorted(values)}")
+        if full:
+            need(set(values) == _VALUE_KEYS, f"values must give every axis: {', '.join(sorted(_VALUE_KEYS))}")
+        for axis, vs in values.items():
+            need(isinstance(vs, list) and vs and all(isinstance(v, int) and v > 0 for v in vs),
+                 f"values.{axis} must be a non-empty list of positive integers")
+
+    def check_section(section: dict[str, Any], keys: set[str], what: str) -> None:
+        need(isinstance(section, dict) and set(section) <= keys,
+             f"[{what}] accepts {', '.join(sorted(keys))}, got {sorted(section) if isinstance(section, dict) else section}")
+
+    check_directions(d["directions"])
+    check_values(d["values"], full=True)
+    for axis in d["sweep"]:
+        need(len(d["values"][axis]) > 1, f"swept axis {axis} needs several values")
+    check_section(d.get("model", {}), _MODEL_KEYS, "model")
+    check_section(d.get("timing", {}), _TIMING_KEYS, "timing")
+    if d["scope"] == "model":
+        need(d.get("model"), "a model preset needs a [model] section (levels, steps, hidden_width)")
+    quick = d.get("quick")
+    need(isinstance(quick, dict) and isinstance(quick.get("note"), str) and quick["note"],
+         "needs a [quick] section with a note saying how it shrinks the preset for a CPU")
+    check_section(quick, _QUICK_KEYS, "quick")
+    check_values(quick.get("values", {}), full=False)
+    check_section(quick.get("model", {}), _MODEL_KEYS, "quick.model")
+    check_section(quick.get("timing", {}), _TIMING_KEYS, "quick.timing")
+    if "directions" in quick:
+        check_directions(quick["directions"])
+    return Preset(name=d["name"], title=d["title"], paper_table=d["paper_table"], description=d["description"],
+                  scope=d["scope"], layers=d["layers"], sweep=list(d["sweep"]), directions=list(d["directions"]),
+                  values=dict(d["values"]), model=dict(d.get("model", {})), timing=dict(d.get("timing", {})),
+                  quick=dict(quick), path=path)
+
+
+def validate(preset: Preset) -> list[str]:
+    """Problems that need the registry and the paper data: unknown paper table, a named layer
+    that is not registered (it may come from a branch not merged yet, so this is a list of
+    warnings for the caller to judge, not an exception)."""
+    import layers
+
+    from ..paper import available_tables
+
+    problems = []
+    if preset.paper_table not in available_tables():
+        problems.append(f"paper table {preset.paper_table!r} not in results/paper/")
+    for settings in (preset.settings(False), preset.settings(True)):
+        if settings["layers"] != ALL:
+            for name in settings["layers"]:
+                try:
+                    layers.info(name)
+                except layers.LayerError as exc:
+                    problems.append(str(exc))
+    return list(dict.fromkeys(problems))
