@@ -246,6 +246,29 @@ def _all_finite(out: Any) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors if isinstance(t, torch.Tensor))
 
 
+def direction_calls(layer: torch.nn.Module, x: torch.Tensor, z_prior: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    """The call timed for each direction (BENCHMARKING.md "What is measured"), shared by the
+    runner and the ratio baselines so both time the same thing."""
+
+    def forward():
+        with torch.no_grad():
+            return layer(x)
+
+    def sampling():
+        with torch.no_grad():
+            return layer.inverse(z_prior)
+
+    def train():
+        layer.zero_grad(set_to_none=True)
+        z, logdet = layer(x)
+        # Negative log-likelihood under N(0, I), up to a constant: ½‖z‖² − log|det J|.
+        loss = 0.5 * (z.float() ** 2).sum() - logdet.float().sum()
+        loss.backward()
+        return z, logdet, loss
+
+    return {"forward": forward, "sampling": sampling, "train": train}
+
+
 def measure_cell(cell: Cell, policy: TimingPolicy, emit: Emit, *, seed: int = 0, threads: int | None = None,
                  directions: tuple[str, ...] = DIRECTIONS) -> None:
     """Measure every direction of ``cell``, calling ``emit`` once per direction, then once with
@@ -277,23 +300,7 @@ def measure_cell(cell: Cell, policy: TimingPolicy, emit: Emit, *, seed: int = 0,
     clock = _Clock(device, policy.cold_cache)
     nvml = _Nvml(device) if device.type == "cuda" else None
 
-    def forward():
-        with torch.no_grad():
-            return layer(x)
-
-    def sampling():
-        with torch.no_grad():
-            return layer.inverse(z_prior)
-
-    def train():
-        layer.zero_grad(set_to_none=True)
-        z, logdet = layer(x)
-        # Negative log-likelihood under N(0, I), up to a constant: ½‖z‖² − log|det J|.
-        loss = 0.5 * (z.float() ** 2).sum() - logdet.float().sum()
-        loss.backward()
-        return z, logdet, loss
-
-    fns = {"forward": forward, "sampling": sampling, "train": train}
+    fns = direction_calls(layer, x, z_prior)
     for direction in directions:
         record: dict[str, Any] = {"type": "direction", "direction": direction}
         try:
