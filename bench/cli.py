@@ -18,6 +18,7 @@ COMMANDS = {
     "env": "env",
     "table": "table",
     "plot": "plot",
+    "compare": "compare",
 }
 
 
