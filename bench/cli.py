@@ -19,6 +19,7 @@ COMMANDS = {
     "table": "table",
     "plot": "plot",
     "compare": "compare",
+    "ab": "ab",
 }
 
 
