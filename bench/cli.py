@@ -20,6 +20,7 @@ COMMANDS = {
     "plot": "plot",
     "compare": "compare",
     "ab": "ab",
+    "baseline": "baseline",
 }
 
 
