@@ -21,6 +21,7 @@ COMMANDS = {
     "compare": "compare",
     "ab": "ab",
     "baseline": "baseline",
+    "export": "export",
 }
 
 
