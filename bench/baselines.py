@@ -16,9 +16,10 @@ Two families of ratios are stored (``results/baselines/<device>.json``) and chec
 How a ratio is measured (:func:`measure`): every operation of a shape is warmed up, then the
 operations are called in turn, one timed call each, over and over (forwards, then backwards),
 so that numerator and denominator samples are interleaved call by call and share whatever load
-the machine is under; the ratio is the quotient of the two fastest calls (see :func:`measure`). torch is pinned to
-:data:`THREADS` thread(s), so the ratio does not depend on the core count or on how busy the
-other cores are.
+the machine is under; the ratio is the quotient of the two fastest calls (see :func:`measure`).
+torch is pinned to :data:`THREADS` thread, so the ratio does not depend on the core count or on
+how busy the other cores are, and on a CPU a call is timed in the CPU time of that thread
+(``time.thread_time``), not in wall time (see :func:`_thread_cpu_clock`). On a GPU, CUDA events.
 
 The check (:func:`check`) fails a ratio only when it exceeds ``baseline × (1 + threshold)`` in
 :data:`CHECK_ATTEMPTS` measurements in a row: a regression in the code is there every time, a
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -219,6 +221,21 @@ def _median(values: list[float]) -> float:
     return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
 
 
+def _thread_cpu_clock(fn: Callable[[], Any]) -> float:
+    """Milliseconds of CPU time this thread spent in ``fn``.
+
+    With one torch thread every operation runs on the calling thread, so its CPU time is the
+    whole cost, minus the time it waited for a core. Wall time cannot do that for long calls on
+    a shared machine: with a load average of 6 on 2 cores, a 6 ms call seldom runs within one
+    time slice, so even the *fastest* of 50 calls includes a wait, while a 0.2 ms call does not —
+    the ratio of the two drifted by ±50 % between measurements in wall time, and by about ±10 %
+    in thread CPU time (a vCPU's stolen time still counts, hence the remaining noise).
+    """
+    t0 = time.thread_time_ns()
+    fn()
+    return (time.thread_time_ns() - t0) / 1e6
+
+
 def measure(ops: list[Op], specs: list[Spec], device: str, rounds: int = ROUNDS,
             min_passes: int = MIN_PASSES) -> dict[str, tuple[float, list[float]]]:
     """``{spec name: (ratio, [ratio of each round])}``.
@@ -236,12 +253,10 @@ def measure(ops: list[Op], specs: list[Spec], device: str, rounds: int = ROUNDS,
     the fastest of many calls is the best estimate of the undisturbed cost, and the quotient of
     two minima is the statistic that moves least between processes and loads (measured while
     writing this, under a load average of 4–8 on 2 cores: about ±10 % between processes for
-    minima, against ±30 % and bimodal jumps for medians and low percentiles). The A/B gate,
-    which compares revisions rather than operations, uses medians and a confidence interval
-    instead (``bench/regression.py``).
+    minima of thread CPU time, against ±30 % and bimodal jumps for medians and low percentiles
+    of wall time). The A/B gate, which compares revisions rather than operations, uses medians
+    and a confidence interval instead (``bench/regression.py``).
     """
-    import time
-
     import torch
 
     from .measure import TimingPolicy, _Clock, time_call
@@ -251,7 +266,7 @@ def measure(ops: list[Op], specs: list[Spec], device: str, rounds: int = ROUNDS,
     previous = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
-        clock = _Clock(torch.device(device), cold_cache=False)
+        clock = _Clock(torch.device(device), cold_cache=False) if device == "cuda" else _thread_cpu_clock
         warm = TimingPolicy(warmup=WARMUP_CALLS, warmup_time=WARMUP_TIME, repeat=1, min_time=0.0)
         for op in timed:
             time_call(op.fn, clock, warm)
