@@ -17,6 +17,7 @@ change (pass --threads to measure multi-threaded code deliberately).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -60,6 +61,7 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--rounds must be >= 1, got {args.rounds}")
 
     from .. import ab, runs
+    from ..comparison_report import markdown, to_json
     from ..environment import collect
     from ..regression import compare_records
     from ..report import write_tables
@@ -129,16 +131,14 @@ def main(args: argparse.Namespace) -> int:
         write_tables(tree.run_dir)
     base_records, new_records = (runs.load_records(t.run_dir) for t in trees)
     comparison = compare_records(base_records, new_records, args.threshold, markers)
-    if args.markdown is None:
-        args.markdown = str(pair / "comparison.md")
-    if args.json is None:
-        args.json = str(pair / "comparison.json")
+    threads = f", {config.threads} CPU thread(s)" if config.device == "cpu" else ""
     notes = [f"Both revisions measured on this machine in {args.rounds} interleaved rounds (one worker process "
-             f"per cell, revision and round), {config.threads or 'default'} CPU thread(s)."
-             if config.device == "cpu" else
-             f"Both revisions measured on this machine in {args.rounds} interleaved rounds (one worker process "
-             "per cell, revision and round)."]
-    status = report(comparison, describe(trees[0].run_dir, base_env), describe(trees[1].run_dir, new_env), args, notes)
+             f"per cell, revision and round){threads}."]
+    descs = describe(trees[0].run_dir, base_env), describe(trees[1].run_dir, new_env)
+    # The pair folder always gets the reports; --markdown/--json add copies where CI wants them.
+    (pair / "comparison.md").write_text(markdown(comparison, *descs, notes))
+    (pair / "comparison.json").write_text(json.dumps(to_json(comparison), indent=2) + "\n")
+    status = report(comparison, *descs, args, notes)
     if status == 0 and not comparison.compared:
         reasons = sorted({r.message for r in comparison.rows if r.message})
         print(f"ab: nothing could be compared ({'; '.join(reasons[:3]) or 'no cell ran in both revisions'}); "

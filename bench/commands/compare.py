@@ -47,6 +47,8 @@ def report(comparison, base_desc: dict, new_desc: dict, args: argparse.Namespace
     """Print and write the reports of a comparison; the exit status."""
     from ..comparison_report import markdown, summary_lines, to_json
 
+    if not comparison.rows:
+        raise UsageError("the two runs have no cell in common: nothing to compare")
     text = markdown(comparison, base_desc, new_desc, notes)
     sys.stdout.write(text)
     if args.markdown:
@@ -59,8 +61,6 @@ def report(comparison, base_desc: dict, new_desc: dict, args: argparse.Namespace
         print(f"{len(comparison.failures)} regression(s); to accept an intended one, add a trailer "
               "'Perf-Regression-Accepted: PATTERN — REASON' to the commit message (see README)", file=sys.stderr)
         return 1
-    if not comparison.compared and not comparison.rows:
-        raise UsageError("the two runs have no cell in common: nothing to compare")
     return 0
 
 
