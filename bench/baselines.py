@@ -18,8 +18,8 @@ operations are called in turn, one timed call each, over and over (forwards, the
 so that numerator and denominator samples are interleaved call by call and share whatever load
 the machine is under; the ratio is the quotient of the two fastest calls (see :func:`measure`).
 torch is pinned to :data:`THREADS` thread, so the ratio does not depend on the core count or on
-how busy the other cores are, and on a CPU a call is timed in the CPU time of that thread
-(``time.thread_time``), not in wall time (see :func:`_thread_cpu_clock`). On a GPU, CUDA events.
+how busy the other cores are, and on a CPU a call is timed in wall time minus the time the
+thread spent waiting for a core (see :class:`_OnCpuClock`). On a GPU, CUDA events.
 
 The check (:func:`check`) fails a ratio only when it exceeds ``baseline × (1 + threshold)`` in
 :data:`CHECK_ATTEMPTS` measurements in a row: a regression in the code is there every time, a
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -221,19 +222,54 @@ def _median(values: list[float]) -> float:
     return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
 
 
-def _thread_cpu_clock(fn: Callable[[], Any]) -> float:
-    """Milliseconds of CPU time this thread spent in ``fn``.
+class _OnCpuClock:
+    """Milliseconds a call took, minus the time its thread spent waiting for a CPU.
 
-    With one torch thread every operation runs on the calling thread, so its CPU time is the
-    whole cost, minus the time it waited for a core. Wall time cannot do that for long calls on
-    a shared machine: with a load average of 6 on 2 cores, a 6 ms call seldom runs within one
-    time slice, so even the *fastest* of 50 calls includes a wait, while a 0.2 ms call does not —
-    the ratio of the two drifted by ±50 % between measurements in wall time, and by about ±10 %
-    in thread CPU time (a vCPU's stolen time still counts, hence the remaining noise).
+    Wall time cannot be used as it is for long calls on a shared machine: with a load average
+    of 6 on 2 cores a 6 ms call seldom runs within one time slice, so even the *fastest* of 50
+    calls includes a wait for a core while a 0.2 ms call does not; the ratio of such a pair
+    drifted by ±50 % between measurements. CPU time (``time.thread_time``) removes the waiting
+    but also hides a call that sleeps, blocks on a lock or waits for I/O — a slowdown like any
+    other. Linux counts, per thread, the time spent runnable but not running (the second field
+    of ``/proc/thread-self/schedstat``); wall time minus that is the time the call was running
+    *or voluntarily waiting*, which is what it costs. With one torch thread all of a call's
+    work runs on the calling thread. The reads of the counter sit inside the wall-clock
+    interval, so every wait subtracted happened within it; they cost about 2 µs. Measured
+    ratios moved by about ±10 % between processes with this clock. A vCPU's stolen time is
+    invisible to the guest and still counts. Without schedstat (not Linux), plain wall time.
     """
-    t0 = time.thread_time_ns()
-    fn()
-    return (time.thread_time_ns() - t0) / 1e6
+
+    def __init__(self):
+        self.fd: int | None = None
+        try:
+            self.fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+            self._waited_ns()
+        except (OSError, ValueError, IndexError):
+            self.close()
+
+    def _waited_ns(self) -> int:
+        return int(os.pread(self.fd, 128, 0).split()[1])
+
+    @property
+    def name(self) -> str:
+        return "wall time minus run-queue wait (schedstat)" if self.fd is not None else "wall time"
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        if self.fd is None:
+            t0 = time.perf_counter_ns()
+            fn()
+            return (time.perf_counter_ns() - t0) / 1e6
+        t0 = time.perf_counter_ns()
+        w0 = self._waited_ns()
+        fn()
+        w1 = self._waited_ns()
+        t1 = time.perf_counter_ns()
+        return (t1 - t0 - (w1 - w0)) / 1e6
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def measure(ops: list[Op], specs: list[Spec], device: str, rounds: int = ROUNDS,
@@ -253,8 +289,7 @@ def measure(ops: list[Op], specs: list[Spec], device: str, rounds: int = ROUNDS,
     the fastest of many calls is the best estimate of the undisturbed cost, and the quotient of
     two minima is the statistic that moves least between processes and loads (measured while
     writing this, under a load average of 4–8 on 2 cores: about ±10 % between processes for
-    minima of thread CPU time, against ±30 % and bimodal jumps for medians and low percentiles
-    of wall time). The A/B gate, which compares revisions rather than operations, uses medians
+    minima, against ±30 % and bimodal jumps for medians and low percentiles). The A/B gate, which compares revisions rather than operations, uses medians
     and a confidence interval instead (``bench/regression.py``).
     """
     import torch
@@ -265,8 +300,9 @@ def measure(ops: list[Op], specs: list[Spec], device: str, rounds: int = ROUNDS,
     timed = [op for op in ops if op.name in needed]
     previous = torch.get_num_threads()
     torch.set_num_threads(THREADS)
+    on_cpu = _OnCpuClock() if device == "cpu" else None
     try:
-        clock = _Clock(torch.device(device), cold_cache=False) if device == "cuda" else _thread_cpu_clock
+        clock = on_cpu or _Clock(torch.device(device), cold_cache=False)
         warm = TimingPolicy(warmup=WARMUP_CALLS, warmup_time=WARMUP_TIME, repeat=1, min_time=0.0)
         for op in timed:
             time_call(op.fn, clock, warm)
@@ -284,8 +320,20 @@ def measure(ops: list[Op], specs: list[Spec], device: str, rounds: int = ROUNDS,
                 fastest[name].append(t)
     finally:
         torch.set_num_threads(previous)
+        if on_cpu is not None:
+            on_cpu.close()
     return {s.name: (min(fastest[s.num]) / min(fastest[s.den]),
                      [n / d for n, d in zip(fastest[s.num], fastest[s.den])]) for s in specs}
+
+
+def _clock_name(device: str) -> str:
+    if device != "cpu":
+        return "CUDA events"
+    clock = _OnCpuClock()
+    try:
+        return clock.name
+    finally:
+        clock.close()
 
 
 def groups(device: str, layer_names: list[str]) -> tuple[list[tuple[list[Op], list[Spec]]], list[str]]:
@@ -322,7 +370,7 @@ def record(device: str, layer_names: list[str], env: dict[str, Any], rounds: int
         "schema": SCHEMA,
         "device": device,
         "recorded_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "how": {"threads": THREADS, "repeats": RECORD_REPEATS, "rounds": rounds, "min_passes": MIN_PASSES,
+        "how": {"clock": _clock_name(device), "threads": THREADS, "repeats": RECORD_REPEATS, "rounds": rounds, "min_passes": MIN_PASSES,
                 "round_time_s": ROUND_TIME[device],
                 "shapes": SHAPES[device], "reference_layer": REFERENCE_LAYER,
                 "check": f"fails when a ratio exceeds value × (1 + threshold) in {CHECK_ATTEMPTS} measurements"},
