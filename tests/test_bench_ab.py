@@ -139,3 +139,24 @@ def test_ab_bad_arguments(tmp_path, args, message):
                          timeout=120)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert message in res.stderr
+
+
+def test_merge_rounds_keeps_every_sample_and_the_worst_status():
+    from bench.ab import merge_rounds
+
+    def ok(samples):
+        return {"status": "ok", "samples_ms": samples, "n": len(samples), "median_ms": 0.0, "first_call_ms": 9.0,
+                "peak_mem_bytes": 100 * len(samples)}
+
+    cell = {"layer": "finc", "device": "cpu", "dtype": "float32", "batch": 2, "channels": 4, "height": 8,
+            "width": 8, "kernel_size": 3, "options": {}}
+    r1 = {"key": "k", "cell": cell, "status": "ok", "message": "",
+          "directions": {"forward": ok([1.0, 2.0, 3.0]), "train": ok([5.0, 6.0])}}
+    r2 = {"key": "k", "cell": cell, "status": "timeout", "message": "cell exceeded --timeout 1 s",
+          "directions": {"forward": ok([4.0, 5.0]), "train": {"status": "timeout", "message": "cell exceeded"}}}
+    m = merge_rounds([r1, r2])
+    fwd = m["directions"]["forward"]
+    assert fwd["samples_ms"] == [1.0, 2.0, 3.0, 4.0, 5.0] and fwd["round_sizes"] == [3, 2]
+    assert fwd["median_ms"] == 3.0 and fwd["n"] == 5 and fwd["peak_mem_bytes"] == 300
+    assert m["directions"]["train"]["status"] == "timeout" and m["directions"]["train"]["rounds_ok"] == 1
+    assert m["status"] == "timeout" and m["rounds"] == 2 and m["message"] == "cell exceeded"
