@@ -19,6 +19,10 @@ COMMANDS = {
     "table": "table",
     "plot": "plot",
     "presets": "presets",
+    "compare": "compare",
+    "ab": "ab",
+    "baseline": "baseline",
+    "export": "export",
 }
 
 

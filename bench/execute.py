@@ -66,14 +66,21 @@ def _request(cell: Cell, config: SweepConfig) -> dict[str, Any]:
             "threads": config.threads, "directions": list(config.directions)}
 
 
-def run_isolated(cell: Cell, config: SweepConfig) -> dict[str, Any]:
-    """Measure ``cell`` in a fresh ``python -m bench.worker`` process, killed after ``config.timeout``."""
+def run_isolated(cell: Cell, config: SweepConfig, root: Path | None = None) -> dict[str, Any]:
+    """Measure ``cell`` in a fresh ``python -m bench.worker`` process, killed after ``config.timeout``.
+
+    ``root``: the code tree whose ``bench`` and ``layers`` the worker imports (default: this
+    one, :data:`bench.runs.ROOT`). ``bench ab`` passes a checkout of another revision; that
+    revision's worker must accept this revision's request (see ``bench/ab.py``).
+    """
+    root = Path(root) if root is not None else ROOT
     env = dict(os.environ)
-    # The worker must run this very code, installed or not.
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    # The worker must run that very code, installed or not: its tree goes first on the path, and
+    # it starts in that tree, because `python -m` puts the working directory before PYTHONPATH.
+    env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, env=env,
+        stderr=subprocess.PIPE, text=True, env=env, cwd=root,
         start_new_session=True,  # Ctrl-C reaches us, not the worker; we stop it ourselves
     )
     timed_out = False

@@ -246,6 +246,29 @@ def _all_finite(out: Any) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors if isinstance(t, torch.Tensor))
 
 
+def direction_calls(layer: torch.nn.Module, x: torch.Tensor, z_prior: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    """The call timed for each direction (BENCHMARKING.md "What is measured"), shared by the
+    runner and the ratio baselines so both time the same thing."""
+
+    def forward():
+        with torch.no_grad():
+            return layer(x)
+
+    def sampling():
+        with torch.no_grad():
+            return layer.inverse(z_prior)
+
+    def train():
+        layer.zero_grad(set_to_none=True)
+        z, logdet = layer(x)
+        # Negative log-likelihood under N(0, I), up to a constant: ½‖z‖² − log|det J|.
+        loss = 0.5 * (z.float() ** 2).sum() - logdet.float().sum()
+        loss.backward()
+        return z, logdet, loss
+
+    return {"forward": forward, "sampling": sampling, "train": train}
+
+
 def check_cell(cell: Cell) -> None:
     """Raise ``layers.UnsupportedError`` (or ``LayerError``) for a cell that cannot be built,
     without building anything: the layer's declared capabilities, checked at the layer's own
@@ -278,27 +301,11 @@ def _layer_subject(cell: Cell, device: torch.device, dtype: torch.dtype) -> _Sub
     x = torch.randn(cell.batch, cell.channels, cell.height, cell.width, device=device, dtype=dtype)
     z_prior = torch.randn_like(x)
 
-    def forward():
-        with torch.no_grad():
-            return layer(x)
-
-    def sampling():
-        with torch.no_grad():
-            return layer.inverse(z_prior)
-
-    def train():
-        layer.zero_grad(set_to_none=True)
-        z, logdet = layer(x)
-        # Negative log-likelihood under N(0, I), up to a constant: ½‖z‖² − log|det J|.
-        loss = 0.5 * (z.float() ** 2).sum() - logdet.float().sum()
-        loss.backward()
-        return z, logdet, loss
-
     def round_trip():
         with torch.no_grad():
             return x, layer.inverse(layer(x)[0])
 
-    return _Subject(layer, {"forward": forward, "sampling": sampling, "train": train}, round_trip, {})
+    return _Subject(layer, direction_calls(layer, x, z_prior), round_trip, {})
 
 
 def _model_subject(cell: Cell, device: torch.device, dtype: torch.dtype) -> _Subject:

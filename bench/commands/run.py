@@ -100,6 +100,23 @@ def _option(text: str) -> tuple[str, str, object]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_measure_arguments(p)
+    o = p.add_argument_group("where results go")
+    o.add_argument("--out", metavar="DIR", default="results/runs",
+                   help="folder in which the run folder is created (default results/runs)")
+    o.add_argument("--name", metavar="NAME",
+                   help="name of the run folder instead of <UTC timestamp>_<git sha>; '{preset}' is replaced by the "
+                        "preset's name")
+    o.add_argument("--overwrite", action="store_true",
+                   help="with --name: replace an existing run folder of that name")
+    o.add_argument("--resume", metavar="RUN_DIR",
+                   help="finish an interrupted run, skipping its finished cells (settings come from RUN_DIR)")
+    o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_measure_arguments(p: argparse.ArgumentParser) -> None:
+    """What to measure and how: the options :func:`resolve_config` reads (shared with ``bench ab``)."""
     g = p.add_argument_group("what to measure")
     g.add_argument("--sweep", type=_axes, action="append", metavar="AXIS",
                    help=f"axis to sweep: {', '.join(SWEEPABLE)}; repeat (or comma-separate) for the product")
@@ -157,19 +174,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--no-isolate", action="store_true",
                    help="measure in this process instead of one process per cell (faster start; a crash ends the "
                         "sweep, memory readings are less precise, the timeout is best effort)")
-
-    o = p.add_argument_group("where results go")
-    o.add_argument("--out", metavar="DIR", default="results/runs",
-                   help="folder in which the run folder is created (default results/runs)")
-    o.add_argument("--name", metavar="NAME",
-                   help="name of the run folder instead of <UTC timestamp>_<git sha>; '{preset}' is replaced by the "
-                        "preset's name")
-    o.add_argument("--overwrite", action="store_true",
-                   help="with --name: replace an existing run folder of that name")
-    o.add_argument("--resume", metavar="RUN_DIR",
-                   help="finish an interrupted run, skipping its finished cells (settings come from RUN_DIR)")
-    o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    o.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _flatten(lists):

@@ -1,0 +1,266 @@
+"""A/B measurement of two revisions, interleaved on one machine (the CI gate's data).
+
+The base revision is checked out into a temporary ``git worktree`` (removed afterwards, also on
+Ctrl-C, SIGTERM or an error). The same resolved cell list is measured for both code trees in
+rounds: in each round every cell is measured once per tree, each measurement in its own worker
+process that imports *that tree's* ``bench`` and ``layers``, and the order of the two trees
+alternates from round to round (A B, then B A, …). Drift of the machine — another job
+starting, thermal throttling — then falls on both revisions alike, and a load burst spoils one
+round of each, not one revision. Each tree gets a normal run folder (``table``, ``plot`` and
+``compare`` work on it) whose records hold every round's samples, concatenated, with
+``round_sizes`` saying which process produced which (the comparison's bootstrap resamples
+rounds as well as samples; see ``bench/regression.py``).
+
+Compatibility assumption: the base revision's ``python -m bench.worker`` reads the request
+this revision sends (``cell``, ``policy`` (the fields of ``TimingPolicy``), ``seed``,
+``threads``, ``directions`` as one JSON object on stdin) and streams JSON lines of
+``{"type": "direction", ...}`` and ``{"type": "cell", ...}``. That protocol has not changed
+since the runner was introduced; a revision that changes it must keep old workers readable here
+(or ``ab`` against older revisions will report the base cells as errors, and no comparison).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .runs import ROOT, append_record, git_state
+from .sweep import Cell, SweepConfig
+
+# bench.execute (and with it torch) is imported where it is used, so that git problems are
+# reported before paying for torch's import.
+
+ROUNDS_FILE = "rounds.jsonl"  # each worker's raw record, as it finishes (results.jsonl has the merged ones)
+
+
+class GitError(RuntimeError):
+    """git could not do what ``ab`` needs (no repository, unknown revision, worktree failure)."""
+
+
+@dataclass
+class Tree:
+    """One side of the comparison: a code tree and the run folder its measurements go to."""
+
+    role: str  # "base" or "new"
+    root: Path
+    git: dict[str, Any]
+    run_dir: Path
+
+
+# ---------------------------------------------------------------------------------------------
+# git
+
+
+def _git(repo: Path, *args: str, timeout: float = 120) -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise GitError(f"git {' '.join(args)}: {exc}") from None
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
+        raise GitError(f"git {' '.join(args)}: {last}")
+    return out.stdout.strip()
+
+
+def repository(root: Path = ROOT) -> Path:
+    """The top of the git checkout holding the code being measured."""
+    try:
+        top = Path(_git(root, "rev-parse", "--show-toplevel"))
+    except GitError:
+        raise GitError(f"bench ab needs a git checkout: {root} (where bench/ is imported from) is not in one") from None
+    if top.resolve() != Path(root).resolve():
+        raise GitError(f"bench ab needs bench/ at the top of a git checkout; it is imported from {root}, "
+                       f"inside {top}")
+    return top
+
+
+def resolve_revision(repo: Path, rev: str) -> str:
+    try:
+        return _git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    except GitError:
+        raise GitError(f"--base {rev}: no such commit in {repo}") from None
+
+
+@contextmanager
+def base_worktree(repo: Path, commit: str) -> Iterator[Path]:
+    """A detached worktree of ``commit`` in a temporary folder, removed on exit whatever happens."""
+    tmp = Path(tempfile.mkdtemp(prefix="invconv-ab-"))
+    path = tmp / commit[:12]
+    try:
+        _git(repo, "worktree", "add", "--detach", "--quiet", str(path), commit)
+        yield path
+    finally:
+        try:
+            _git(repo, "worktree", "remove", "--force", str(path), timeout=60)
+        except GitError:
+            pass  # never added, or already gone: the prune below forgets it either way
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            _git(repo, "worktree", "prune", timeout=60)
+        except GitError:
+            pass
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM (a CI runner cancelling the job) into KeyboardInterrupt, so the same cleanup
+    runs as for Ctrl-C."""
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment and run folders
+
+
+def environment_of(root: Path, fallback: dict[str, Any]) -> dict[str, Any]:
+    """The environment record as ``root``'s own code collects it (solver, git), run in a
+    subprocess; ``fallback`` with ``root``'s git state if that tree cannot produce one."""
+    code = "import json, sys; from bench.environment import collect; json.dump(collect(), sys.stdout)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env,
+                             timeout=120)
+        if out.returncode == 0:
+            return json.loads(out.stdout)
+    except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError):
+        pass
+    return {**fallback, "git": git_state(root), "solvers": {}}
+
+
+def new_ab_dir(out_root: str | os.PathLike, base_git: dict[str, Any], new_git: dict[str, Any]) -> Path:
+    """``<out_root>/<UTC>_ab_<base sha>_<new sha>[-dirty]/`` holding ``base/`` and ``new/``."""
+    stamp = f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%SZ}"
+    name = f"{stamp}_ab_{base_git.get('short') or 'nogit'}_{new_git.get('short') or 'nogit'}" \
+           f"{'-dirty' if new_git.get('dirty') else ''}"
+    root = Path(out_root)
+    root.mkdir(parents=True, exist_ok=True)
+    path, i = root / name, 1
+    while True:
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            i += 1
+            path = root / f"{name}.{i}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+
+
+def merge_rounds(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One results record from a cell's per-round records: the samples of every round in order,
+    ``round_sizes`` saying how many each contributed, statistics over all of them. A direction
+    that failed in any round takes the most telling failure's status and message."""
+    from .execute import _STATUS_PRIORITY
+    from .stats import Measurement
+
+    merged = {k: v for k, v in records[-1].items() if k != "directions"}
+    merged["rounds"] = len(records)
+    merged["directions"] = {}
+    names = list(dict.fromkeys(d for r in records for d in r.get("directions", {})))
+    for name in names:
+        ds = [r["directions"].get(name, {"status": "error", "message": "not measured in this round"}) for r in records]
+        if all(d.get("status") == "ok" and d.get("samples_ms") for d in ds):
+            samples = [s for d in ds for s in d["samples_ms"]]
+            firsts = sorted(d["first_call_ms"] for d in ds if d.get("first_call_ms") is not None)
+            mems = [d["peak_mem_bytes"] for d in ds if d.get("peak_mem_bytes") is not None]
+            merged["directions"][name] = {
+                **ds[-1], "samples_ms": samples, "round_sizes": [len(d["samples_ms"]) for d in ds],
+                **Measurement(samples).summary(),
+                "first_call_ms": firsts[len(firsts) // 2] if firsts else None,
+                "peak_mem_bytes": max(mems) if mems else None,
+            }
+        else:
+            worst = min(ds, key=lambda d: _STATUS_PRIORITY.index(d.get("status", "error"))
+                        if d.get("status", "error") in _STATUS_PRIORITY else 0)
+            merged["directions"][name] = {**worst, "rounds_ok": sum(d.get("status") == "ok" for d in ds)}
+    statuses = [d["status"] for d in merged["directions"].values()] or [records[-1].get("status", "error")]
+    merged["status"] = min(statuses, key=lambda s: _STATUS_PRIORITY.index(s) if s in _STATUS_PRIORITY else 0)
+    bad = [d.get("message") for d in merged["directions"].values() if d["status"] == merged["status"]]
+    merged["message"] = next((m for m in bad if m), records[-1].get("message", ""))
+    return merged
+
+
+def _all_ok(record: dict[str, Any]) -> bool:
+    return record.get("status") == "ok"
+
+
+def measure_interleaved(cells: list[Cell], config: SweepConfig, trees: list[Tree], rounds: int,
+                        got: dict[str, dict[str, list[dict[str, Any]]]],
+                        on_measured: Callable[[Tree, Cell, int, dict[str, Any]], None] | None = None,
+                        measure: Callable[..., dict[str, Any]] | None = None) -> None:
+    """Measure every cell ``rounds`` times per tree, interleaved, into ``got``
+    (``{role: {cell key: [record per round]}}``; the caller owns it, so an interrupt keeps
+    everything finished).
+
+    A cell that did not come out ``ok`` in both trees in round one is not measured again: a
+    status is decided by one round, and repeating an error or a timeout only costs time. Each
+    raw record is also appended to the tree's ``rounds.jsonl`` as soon as it exists.
+    ``measure(cell, config, root)`` defaults to :func:`bench.execute.run_isolated`.
+    """
+    if measure is None:
+        from .execute import run_isolated as measure
+    for t in trees:
+        got.setdefault(t.role, {})
+    active = list(cells)
+    for r in range(rounds):
+        order = trees if r % 2 == 0 else list(reversed(trees))
+        for cell in active:
+            for tree in order:
+                record = measure(cell, config, tree.root)
+                record["round"] = r
+                _append_round(tree.run_dir, record)
+                got[tree.role].setdefault(cell.key(), []).append(record)
+                if on_measured:
+                    on_measured(tree, cell, r, record)
+        if r == 0:
+            active = [c for c in active if all(_all_ok(got[t.role][c.key()][0]) for t in trees)]
+
+
+def _append_round(run_dir: Path, record: dict[str, Any]) -> None:
+    with open(Path(run_dir) / ROUNDS_FILE, "a") as fh:
+        fh.write(json.dumps(record, default=str) + "\n")
+
+
+def write_merged(trees: list[Tree], got: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
+    """Each tree's merged records into its ``results.jsonl``."""
+    for tree in trees:
+        for records in got[tree.role].values():
+            append_record(tree.run_dir, merge_rounds(records))
+
+
+def split_supported(cells: list[Cell], directions) -> tuple[list[Cell], list[tuple[Cell, str]]]:
+    """Cells the layers (of this revision) support, and the others with the reason."""
+    from .execute import precheck
+
+    keep, skipped = [], []
+    for cell in cells:
+        rec = precheck(cell, directions)
+        if rec is None:
+            keep.append(cell)
+        else:
+            skipped.append((cell, rec.get("message", "unsupported")))
+    return keep, skipped

@@ -1,0 +1,486 @@
+"""Machine-independent baselines: ratios of two timings taken in one process, interleaved.
+
+An absolute time recorded on one machine says little about another (BENCHMARKING.md
+"Regression tracking"), but the ratio of two operations timed side by side in the same process
+moves far less: both see the same CPU, the same memory system and the same background load.
+Two families of ratios are stored (``results/baselines/<device>.json``) and checked:
+
+- ``solve / conv2d``: :func:`layers.causal.solve` of a unit lower-triangular causal weight (built
+  by :func:`layers.causal.assemble_weight`) divided by ``F.conv2d`` of the same shape (on the
+  input already padded, so it is exactly the convolution the solve inverts; SPEC.md §8: the solve
+  does the same arithmetic and should cost a small multiple of it);
+- ``<layer> <direction> / glow-1x1``: each layer's forward, sampling and train time divided by
+  ``glow-1x1``'s in the same direction at the same shape (glow's 1×1 convolution is the cheapest
+  invertible mixing, the natural unit).
+
+How a ratio is measured (:func:`measure`): every operation of a shape is warmed up, then the
+operations are called in turn, one timed call each, over and over (forwards, then backwards),
+so that numerator and denominator samples are interleaved call by call and share whatever load
+the machine is under; the ratio is the quotient of the two fastest calls (see :func:`measure`).
+torch is pinned to :data:`THREADS` thread, so the ratio does not depend on the core count or on
+how busy the other cores are, and on a CPU a call is timed in wall time minus the time the
+thread spent waiting for a core (see :class:`_OnCpuClock`). On a GPU, CUDA events.
+
+The check (:func:`check`) fails a ratio only when it exceeds ``baseline × (1 + threshold)`` in
+:data:`CHECK_ATTEMPTS` measurements in a row: a regression in the code is there every time, a
+burst of load rarely is. Each ratio's threshold is recorded with it: the device's minimum
+(:data:`MIN_THRESHOLDS`) or :data:`SPREAD_MARGIN` times the spread seen while recording,
+whichever is larger. Lower ratios than the baseline are reported as improvements, never
+failures; re-record to lock them in (``python -m bench baseline record``) — necessarily so when
+the solver changes (native kernels), which the check points out.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .runs import ROOT
+
+BASELINE_DIR = ROOT / "results" / "baselines"
+SCHEMA = 1
+REFERENCE_LAYER = "glow-1x1"
+
+THREADS = 1
+"""torch threads while measuring ratios: one thread is the only setting that means the same on
+every machine, and the only one not disturbed by other jobs on a shared CPU."""
+
+ROUNDS = 5
+MIN_PASSES = 10
+ROUND_TIME = {"cpu": 0.3, "cuda": 0.1}
+"""A measurement is :data:`ROUNDS` rounds of at least :data:`MIN_PASSES` passes and
+:data:`ROUND_TIME` seconds each (see :func:`measure`): cheap operations get hundreds of
+interleaved samples, the slowest at least 50; a few seconds per shape."""
+RECORD_REPEATS = 3
+"""Measurements per ratio when recording; the baseline is their median, so one measurement
+spoilt by a burst of load does not become the reference."""
+WARMUP_CALLS = 3
+WARMUP_TIME = 0.1
+
+MIN_THRESHOLDS = {"cpu": 0.5, "cuda": 0.25}
+MAX_THRESHOLD = 2.0
+"""Smallest allowed increase of a ratio before the check fails. Generous on a CPU: the baseline
+may be checked on another CPU model, where the balance between a convolution (vectorised
+library code) and a solve (a Python loop over anti-diagonals) shifts by tens of per cent."""
+
+SPREAD_MARGIN = 3.0
+"""A ratio that was noisy while recording gets a threshold of at least this many times its
+relative spread (max − min of the :data:`RECORD_REPEATS` measurements, over their median), up
+to :data:`MAX_THRESHOLD` (a recording that noisy is flagged: re-record on a quieter machine)."""
+
+CHECK_ATTEMPTS = 3
+"""Measurements of a ratio before the check calls it regressed (each must exceed the limit)."""
+
+# Shapes: small on a CPU (the pure-PyTorch solve takes milliseconds there), the papers' batch on
+# a GPU.
+SHAPES = {
+    "cpu": {"batch": 8, "channels": 12, "kernel_size": 3, "solve_sizes": [16, 32], "layer_size": 16},
+    "cuda": {"batch": 100, "channels": 12, "kernel_size": 3, "solve_sizes": [32, 128], "layer_size": 32},
+}
+
+
+@dataclass
+class Ratio:
+    """One stored ratio: what is divided by what, at which cell, its value and threshold."""
+
+    name: str
+    layer: str  # what a Perf-Regression-Accepted pattern names: the layer, or "solve"
+    numerator: str
+    denominator: str
+    cell: dict[str, Any]
+    value: float
+    spread: float  # (max − min) / value of the measurements taken while recording
+    threshold: float
+    repeats: list[float] = field(default_factory=list)  # those measurements
+
+    @property
+    def label(self) -> str:
+        from .sweep import Cell
+
+        return Cell.from_dict(self.cell).label()
+
+    @property
+    def limit(self) -> float:
+        """The largest value that passes the check."""
+        return self.value * (1 + self.threshold)
+
+
+@dataclass
+class Op:
+    """A timed operation (the numerator or denominator of ratios)."""
+
+    name: str
+    fn: Callable[[], Any]
+
+
+@dataclass
+class Spec:
+    """A ratio to measure: ``num`` ÷ ``den``, both ops of the same shape group."""
+
+    name: str
+    layer: str
+    num: str
+    den: str
+    cell: dict[str, Any]
+
+
+def baseline_path(device: str) -> Path:
+    return BASELINE_DIR / f"{device}.json"
+
+
+def _cell(layer: str, device: str, batch: int, channels: int, size: int, k: int | None) -> dict[str, Any]:
+    return {"layer": layer, "device": device, "dtype": "float32", "batch": batch, "channels": channels,
+            "height": size, "width": size, "kernel_size": k, "options": {}}
+
+
+# ---------------------------------------------------------------------------------------------
+# What to measure
+
+
+def solve_group(device: str, size: int) -> tuple[list[Op], list[Spec]]:
+    import torch
+    import torch.nn.functional as F
+
+    from layers.causal import assemble_weight, causal_padding, solve
+
+    s = SHAPES[device]
+    b, c, k = s["batch"], s["channels"], s["kernel_size"]
+    g = torch.Generator().manual_seed(0)
+    off = (torch.randn(c, c, k * k - 1, generator=g) * 0.1).to(device)
+    lower = (torch.randn(c * (c - 1) // 2, generator=g) * 0.1).to(device)
+    weight = assemble_weight(off, lower, None, "TL")  # unit lower-triangular centre
+    y = torch.randn(b, c, size, size, generator=g).to(device)
+    y_padded = F.pad(y, causal_padding(k, "TL"))
+
+    def run_solve():
+        with torch.no_grad():
+            return solve(y, weight, "TL", unit_diagonal=True, assume_triangular=True)
+
+    def run_conv():
+        with torch.no_grad():
+            return F.conv2d(y_padded, weight)
+
+    tag = f"{size}x{size}"
+    ops = [Op(f"solve {tag}", run_solve), Op(f"conv2d {tag}", run_conv)]
+    cell = _cell("solve", device, b, c, size, k)
+    spec = Spec(f"solve / conv2d @ B={b} C={c} {tag} k={k}", "solve", f"solve {tag}", f"conv2d {tag}", cell)
+    return ops, [spec]
+
+
+def layer_group(device: str, names: list[str], directions=("forward", "sampling", "train"),
+                ) -> tuple[list[Op], list[Spec], list[str]]:
+    """Ops for every layer in ``names`` plus glow-1x1, the specs dividing by glow-1x1, and notes
+    on the layers that could not be built at this shape."""
+    import torch
+
+    import layers
+
+    from .measure import direction_calls
+
+    s = SHAPES[device]
+    b, c, k, size = s["batch"], s["channels"], s["kernel_size"], s["layer_size"]
+    ops: list[Op] = []
+    specs: list[Spec] = []
+    notes: list[str] = []
+    for name in dict.fromkeys([REFERENCE_LAYER, *names]):
+        try:
+            info = layers.info(name)
+            kk = k if info.kernel_size_applies else None
+            info.check(c, kk, (size, size), torch.device(device))
+            torch.manual_seed(0)
+            layer = layers.create(name, c, kernel_size=kk, input_size=(size, size)).to(device)
+        except Exception as exc:  # noqa: BLE001 - an unbuildable layer is noted, the others measured
+            if name == REFERENCE_LAYER:
+                raise
+            notes.append(f"{name}: not measured at B={b} C={c} {size}x{size}: {type(exc).__name__}: {exc}")
+            continue
+        x = torch.randn(b, c, size, size, device=device)
+        z = torch.randn_like(x)
+        calls = direction_calls(layer, x, z)
+        for d in directions:
+            ops.append(Op(f"{name} {d}", calls[d]))
+            if name != REFERENCE_LAYER:
+                specs.append(Spec(f"{name} {d} / {REFERENCE_LAYER} @ B={b} C={c} {size}x{size}"
+                                  + (f" k={kk}" if kk else ""), name, f"{name} {d}", f"{REFERENCE_LAYER} {d}",
+                                  _cell(name, device, b, c, size, kk)))
+    return ops, specs, notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+
+
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+
+
+class _OnCpuClock:
+    """Milliseconds a call took, minus the time its thread spent waiting for a CPU.
+
+    Wall time cannot be used as it is for long calls on a shared machine: with a load average
+    of 6 on 2 cores a 6 ms call seldom runs within one time slice, so even the *fastest* of 50
+    calls includes a wait for a core while a 0.2 ms call does not; the ratio of such a pair
+    drifted by ±50 % between measurements. CPU time (``time.thread_time``) removes the waiting
+    but also hides a call that sleeps, blocks on a lock or waits for I/O — a slowdown like any
+    other. Linux counts, per thread, the time spent runnable but not running (the second field
+    of ``/proc/thread-self/schedstat``); wall time minus that is the time the call was running
+    *or voluntarily waiting*, which is what it costs. With one torch thread all of a call's
+    work runs on the calling thread. The reads of the counter sit inside the wall-clock
+    interval, so every wait subtracted happened within it; they cost about 2 µs. Measured
+    ratios moved by about ±10 % between processes with this clock. A vCPU's stolen time is
+    invisible to the guest and still counts. Without schedstat (not Linux), plain wall time.
+    """
+
+    def __init__(self):
+        self.fd: int | None = None
+        try:
+            self.fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+            self._waited_ns()
+        except (OSError, ValueError, IndexError):
+            self.close()
+
+    def _waited_ns(self) -> int:
+        return int(os.pread(self.fd, 128, 0).split()[1])
+
+    @property
+    def name(self) -> str:
+        return "wall time minus run-queue wait (schedstat)" if self.fd is not None else "wall time"
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        if self.fd is None:
+            t0 = time.perf_counter_ns()
+            fn()
+            return (time.perf_counter_ns() - t0) / 1e6
+        t0 = time.perf_counter_ns()
+        w0 = self._waited_ns()
+        fn()
+        w1 = self._waited_ns()
+        t1 = time.perf_counter_ns()
+        return (t1 - t0 - (w1 - w0)) / 1e6
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def measure(ops: list[Op], specs: list[Spec], device: str, rounds: int = ROUNDS,
+            min_passes: int = MIN_PASSES) -> dict[str, tuple[float, list[float]]]:
+    """``{spec name: (ratio, [ratio of each round])}``.
+
+    One *pass* calls every operation once, timing each call; the direction of the pass
+    alternates, so no operation always follows the same one. A round is at least
+    ``min_passes`` passes and :data:`ROUND_TIME` seconds. A ratio is the fastest call of its
+    numerator over the fastest call of its denominator, over all rounds (the value) and per
+    round (its spread). Timing single calls interleaved this finely puts numerator and
+    denominator under the same load at every moment.
+
+    Why the minimum and not the median: interference (another process on the core, a cache
+    emptied by it) only ever adds time — on a shared 2-core VM the calls of one operation fall
+    into a fast and a 2–3× slower mode, in proportions that change from second to second — so
+    the fastest of many calls is the best estimate of the undisturbed cost, and the quotient of
+    two minima is the statistic that moves least between processes and loads (measured while
+    writing this, under a load average of 4–8 on 2 cores: about ±10 % between processes for
+    minima, against ±30 % and bimodal jumps for medians and low percentiles). The A/B gate, which compares revisions rather than operations, uses medians
+    and a confidence interval instead (``bench/regression.py``).
+    """
+    import torch
+
+    from .measure import TimingPolicy, _Clock, time_call
+
+    needed = {s.num for s in specs} | {s.den for s in specs}
+    timed = [op for op in ops if op.name in needed]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    on_cpu = _OnCpuClock() if device == "cpu" else None
+    try:
+        clock = on_cpu or _Clock(torch.device(device), cold_cache=False)
+        warm = TimingPolicy(warmup=WARMUP_CALLS, warmup_time=WARMUP_TIME, repeat=1, min_time=0.0)
+        for op in timed:
+            time_call(op.fn, clock, warm)
+        fastest: dict[str, list[float]] = {op.name: [] for op in timed}  # per round
+        backwards = False
+        for _ in range(rounds):
+            best = {op.name: float("inf") for op in timed}
+            passes, start = 0, time.perf_counter()
+            while passes < min_passes or time.perf_counter() - start < ROUND_TIME[device]:
+                for op in (reversed(timed) if backwards else timed):
+                    best[op.name] = min(best[op.name], clock(op.fn))
+                backwards = not backwards
+                passes += 1
+            for name, t in best.items():
+                fastest[name].append(t)
+    finally:
+        torch.set_num_threads(previous)
+        if on_cpu is not None:
+            on_cpu.close()
+    return {s.name: (min(fastest[s.num]) / min(fastest[s.den]),
+                     [n / d for n, d in zip(fastest[s.num], fastest[s.den])]) for s in specs}
+
+
+def _clock_name(device: str) -> str:
+    if device != "cpu":
+        return "CUDA events"
+    clock = _OnCpuClock()
+    try:
+        return clock.name
+    finally:
+        clock.close()
+
+
+def groups(device: str, layer_names: list[str]) -> tuple[list[tuple[list[Op], list[Spec]]], list[str]]:
+    out = [solve_group(device, size) for size in SHAPES[device]["solve_sizes"]]
+    ops, specs, notes = layer_group(device, layer_names)
+    out.append((ops, specs))
+    return out, notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording and checking
+
+
+def record(device: str, layer_names: list[str], env: dict[str, Any], rounds: int = ROUNDS,
+           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure every ratio and return the baseline document (the caller writes it)."""
+    ratios: list[Ratio] = []
+    all_groups, notes = groups(device, layer_names)
+    for ops, specs in all_groups:
+        repeats = [measure(ops, specs, device, rounds) for _ in range(RECORD_REPEATS)]
+        for spec in specs:
+            values = [m[spec.name][0] for m in repeats]
+            value = _median(values)
+            spread = (max(values) - min(values)) / value
+            threshold = min(MAX_THRESHOLD, max(MIN_THRESHOLDS[device], SPREAD_MARGIN * spread))
+            if SPREAD_MARGIN * spread > MAX_THRESHOLD:
+                notes.append(f"{spec.name}: very noisy while recording (spread {spread:.0%}); its threshold is "
+                             f"capped at +{MAX_THRESHOLD:.0%}: re-record on a quieter machine")
+            ratios.append(Ratio(spec.name, spec.layer, spec.num, spec.den, spec.cell, value, spread,
+                                round(threshold, 3), [round(v, 5) for v in values]))
+            if progress:
+                progress(f"{spec.name}: {value:.4g} (spread {spread:.0%}, threshold +{threshold:.0%})")
+    return {
+        "schema": SCHEMA,
+        "device": device,
+        "recorded_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "how": {"clock": _clock_name(device), "threads": THREADS, "repeats": RECORD_REPEATS, "rounds": rounds, "min_passes": MIN_PASSES,
+                "round_time_s": ROUND_TIME[device],
+                "shapes": SHAPES[device], "reference_layer": REFERENCE_LAYER,
+                "check": f"fails when a ratio exceeds value × (1 + threshold) in {CHECK_ATTEMPTS} measurements"},
+        "notes": notes,
+        "environment": env,
+        "ratios": [asdict(r) for r in ratios],
+    }
+
+
+@dataclass
+class CheckRow:
+    ratio: Ratio
+    now: float | None  # the smallest of the attempts' values (None: could not measure)
+    attempts: list[float]
+    verdict: str  # ok, regressed, improved, missing
+    message: str = ""
+    accepted: Any = None  # the bench.accept.Marker that accepted a regression
+
+    @property
+    def layer(self) -> str:
+        return self.ratio.layer
+
+    @property
+    def name(self) -> str:
+        return self.ratio.name
+
+    @property
+    def failing(self) -> bool:
+        return self.verdict == "regressed" and self.accepted is None
+
+
+def load(path: Path) -> tuple[dict[str, Any], list[Ratio]]:
+    import json
+
+    doc = json.loads(Path(path).read_text())
+    if doc.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: baseline schema {doc.get('schema')!r}, expected {SCHEMA}; re-record it")
+    return doc, [Ratio(**r) for r in doc["ratios"]]
+
+
+def check(doc: dict[str, Any], ratios: list[Ratio], markers=(), attempts: int = CHECK_ATTEMPTS,
+          rounds: int = ROUNDS, progress: Callable[[str], None] | None = None) -> tuple[list[CheckRow], list[str]]:
+    """Measure the stored ratios again; (rows, notes). A ratio is ``regressed`` only when every
+    one of ``attempts`` measurements exceeds its limit (later attempts re-measure only the
+    ratios still over it)."""
+    import layers
+
+    device = doc["device"]
+    names = sorted({r.layer for r in ratios if r.layer != "solve"})
+    available = [n for n in names if n in layers.available()]
+    notes = [f"{n}: in the baseline but not available now ({', '.join(layers.available())} are)"
+             for n in names if n not in available]
+    unrecorded = [n for n in layers.available() if n not in names and n != REFERENCE_LAYER]
+    if unrecorded:
+        notes.append(f"not in the baseline, so not checked: {', '.join(unrecorded)} "
+                     "(re-record to include them: python -m bench baseline record)")
+    all_groups, build_notes = groups(device, available)
+    notes += build_notes
+    by_name = {r.name: r for r in ratios}
+    attempts_of: dict[str, list[float]] = {r.name: [] for r in ratios}
+    pending = set(by_name)
+    for attempt in range(attempts):
+        for ops, specs in all_groups:
+            specs = [s for s in specs if s.name in pending]
+            if not specs:
+                continue
+            for name, (value, _) in measure(ops, specs, device, rounds).items():
+                attempts_of[name].append(value)
+        pending = {n for n in pending if attempts_of[n] and min(attempts_of[n]) > by_name[n].limit}
+        if progress and attempt + 1 < attempts and pending:
+            progress(f"{len(pending)} ratio(s) over the limit; measuring again ({attempt + 2}/{attempts}): "
+                     + ", ".join(sorted(pending)))
+        if not pending:
+            break
+    rows = []
+    for r in ratios:
+        got = attempts_of[r.name]
+        if not got:
+            rows.append(CheckRow(r, None, [], "missing", "not measured now (see the notes)"))
+            continue
+        now = min(got)
+        if now > r.limit:
+            verdict = "regressed"
+        elif now < r.value / (1 + r.threshold):
+            verdict = "improved"
+        else:
+            verdict = "ok"
+        rows.append(CheckRow(r, now, got, verdict))
+    markers = list(markers)
+    for row in rows:
+        if row.verdict == "regressed":
+            for m in markers:
+                if m.matches(row):
+                    row.accepted = m
+                    break
+    recorded = (doc.get("environment") or {}).get("solvers", {}).get(device, {}).get("solver")
+    try:
+        from layers import causal
+
+        status = getattr(causal, "solver_status", None)
+        current = status()[device].get("solver") if status else "torch"
+    except Exception:  # noqa: BLE001 - only for a note
+        current = None
+    if recorded and current and recorded != current:
+        notes.append(f"the {device} solver was {recorded!r} when the baseline was recorded and is {current!r} now: "
+                     "the solve ratios are not comparable; re-record with `python -m bench baseline record`")
+    return rows, notes
+
+
+def fmt(v: float | None) -> str:
+    if v is None or not math.isfinite(v):
+        return "–"
+    return f"{v:.3g}" if v < 100 else f"{v:.0f}"

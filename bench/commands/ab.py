@@ -1,0 +1,155 @@
+"""``python -m bench ab --base REV``: measure REV and the working tree interleaved, then compare.
+
+The CI gate. REV is checked out into a temporary git worktree (removed afterwards, also on
+Ctrl-C); the same cells are measured for both code trees in ``--rounds`` rounds, alternating
+which tree goes first, each measurement in a fresh worker process importing that tree's code.
+Both runs are written as normal run folders under ``OUT/<UTC>_ab_<base>_<new>/{base,new}``
+(with ``comparison.md``/``.json`` beside them), then compared as ``python -m bench compare``
+does. Exit status 1 on a regression (significantly slower beyond the threshold, or ok in the
+base and failing now) that no ``--accept``/``--accept-from`` marker accepts; 2 when nothing
+could be compared.
+
+On a CPU the thread count defaults to 1: with several threads on a shared machine, OpenMP
+workers wait for a busy core and one call can take 50× its usual time, which swamps any code
+change (pass --threads to measure multi-threaded code deliberately).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ..cli import UsageError
+from . import _gate
+from .run import add_measure_arguments
+
+HELP = "measure a base revision and the working tree interleaved on this machine, then compare (the CI gate)"
+DESCRIPTION = __doc__ + """
+examples:
+  python -m bench ab --base HEAD~1 --layers glow-1x1,inverse-flow --input-size 16
+  python -m bench ab --base main --sweep input_size --rounds 5 --markdown comment.md
+  python -m bench ab --base HEAD~1 --accept-from HEAD          # what CI runs (see .ci/run)
+"""
+
+DEFAULT_ROUNDS = 5
+"""Rounds per tree. Each round is one worker process per cell and tree (about 2 s of start-up on
+a CPU). Five keep the percentile bootstrap over rounds meaningful; fewer make its interval span
+the luckiest-to-unluckiest round, which only a large slowdown clears."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, metavar="REV", help="the revision to compare against (e.g. HEAD~1, main)")
+    add_measure_arguments(p)
+    g = p.add_argument_group("the comparison")
+    g.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, metavar="N",
+                   help=f"interleaved rounds per revision, one process each (default {DEFAULT_ROUNDS})")
+    g.add_argument("--threshold", type=_gate.fraction, metavar="FRACTION|N%",
+                   help="minimum slowdown that fails (default: 10%% on a GPU, 25%% on a CPU)")
+    g.add_argument("--out", metavar="DIR", default="results/runs",
+                   help="folder in which the pair of run folders is created (default results/runs)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _gate.add_accept_arguments(p)
+    _gate.add_report_arguments(p)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.no_isolate:
+        raise UsageError("--no-isolate: bench ab measures every cell in a worker process of its own revision")
+    if args.rounds < 1:
+        raise UsageError(f"--rounds must be >= 1, got {args.rounds}")
+
+    from .. import ab, runs
+    from ..comparison_report import markdown, to_json
+    from ..environment import collect
+    from ..regression import compare_records
+    from ..report import write_tables
+    from ..sweep import expand
+    from .compare import describe, report
+    from .run import _progress, resolve_config
+
+    try:
+        repo = ab.repository()
+        commit = ab.resolve_revision(repo, args.base)
+    except ab.GitError as exc:
+        raise UsageError(str(exc)) from None
+    markers = _gate.markers(args, repo)
+    config = resolve_config(args)
+    if config.device == "cpu" and args.threads is None:
+        config.threads = 1  # see the module docstring
+    cells, skipped = ab.split_supported(expand(config), config.directions)
+    if not cells:
+        raise UsageError("no cell to measure: " + "; ".join(f"{c.label()}: {why}" for c, why in skipped))
+
+    new_env = collect()
+    got: dict = {}
+    trees: list = []
+    with ab.sigterm_as_interrupt():
+        try:
+            with ab.base_worktree(repo, commit) as base_root:
+                base_env = ab.environment_of(base_root, new_env)
+                for env in (base_env, new_env):
+                    env["command"] = runs.command_line()
+                pair = ab.new_ab_dir(args.out, base_env["git"], new_env["git"])
+                trees += [ab.Tree("base", base_root, base_env["git"], pair / "base"),
+                          ab.Tree("new", runs.ROOT, new_env["git"], pair / "new")]
+                for tree, env in zip(trees, (base_env, new_env)):
+                    tree.run_dir.mkdir()
+                    env["ab"] = {"role": tree.role, "base": args.base, "base_commit": commit, "rounds": args.rounds,
+                                 "pair": str(pair)}
+                    runs.write_json(tree.run_dir / runs.ENV, env)
+                    runs.write_json(tree.run_dir / runs.CONFIG, config.to_json())
+                print(f"ab: base {args.base} = {commit[:12]} (temporary worktree {base_root}) vs the working tree "
+                      f"{runs.ROOT} ({new_env['git'].get('short')}{'-dirty' if new_env['git'].get('dirty') else ''}); "
+                      f"{len(cells)} cells × {args.rounds} rounds × 2 revisions, device {config.device}, "
+                      f"{config.threads or 'default'} thread(s); runs in {pair}", file=sys.stderr)
+                for cell, why in skipped:
+                    print(f"  skipped {cell.label()}: {why}", file=sys.stderr)
+                _warn_if_busy(config.device)
+                bar = _progress(len(cells) * args.rounds * 2, 0, args.no_progress)
+                try:
+                    ab.measure_interleaved(
+                        cells, config, trees, args.rounds, got,
+                        on_measured=lambda tree, cell, r, rec: (bar.set_postfix_str(
+                            f"round {r + 1} {tree.role} {cell.label()}", refresh=False), bar.update(1)))
+                finally:
+                    bar.close()
+        except KeyboardInterrupt:
+            if got and trees:
+                ab.write_merged(trees, got)
+                print(f"interrupted: the rounds finished so far are in {trees[0].run_dir.parent}", file=sys.stderr)
+            else:
+                print("interrupted", file=sys.stderr)
+            return 130
+        except ab.GitError as exc:
+            raise UsageError(str(exc)) from None
+
+    pair = trees[0].run_dir.parent
+    ab.write_merged(trees, got)
+    for tree in trees:
+        write_tables(tree.run_dir)
+    base_records, new_records = (runs.load_records(t.run_dir) for t in trees)
+    comparison = compare_records(base_records, new_records, args.threshold, markers)
+    threads = f", {config.threads} CPU thread(s)" if config.device == "cpu" else ""
+    notes = [f"Both revisions measured on this machine in {args.rounds} interleaved rounds (one worker process "
+             f"per cell, revision and round){threads}."]
+    descs = describe(trees[0].run_dir, base_env), describe(trees[1].run_dir, new_env)
+    # The pair folder always gets the reports; --markdown/--json add copies where CI wants them.
+    (pair / "comparison.md").write_text(markdown(comparison, *descs, notes))
+    (pair / "comparison.json").write_text(json.dumps(to_json(comparison), indent=2) + "\n")
+    status = report(comparison, *descs, args, notes)
+    if status == 0 and not comparison.compared:
+        reasons = sorted({r.message for r in comparison.rows if r.message})
+        print(f"ab: nothing could be compared ({'; '.join(reasons[:3]) or 'no cell ran in both revisions'}); "
+              f"is {args.base} older than the harness's worker protocol?", file=sys.stderr)
+        return 2
+    print(f"ab: runs and comparison in {pair}", file=sys.stderr)
+    return status
+
+
+def _warn_if_busy(device: str) -> None:
+    load, cpus = (os.getloadavg()[0] if hasattr(os, "getloadavg") else None), os.cpu_count() or 1
+    if device == "cpu" and load is not None and load > 0.5 * cpus:
+        print(f"note: the machine is busy (1-minute load average {load:.1f} on {cpus} CPUs); interleaving shares "
+              "the noise between the revisions, and the confidence intervals widen with it", file=sys.stderr)

@@ -1,0 +1,336 @@
+"""Is the new code slower? The statistics and the verdict policy behind ``compare``, ``ab`` and CI.
+
+Absolute times on a shared machine drift between identical runs, so a regression gate that
+compares two numbers cries wolf. This module decides from the **raw samples** of two runs
+(BENCHMARKING.md "Regression tracking"), one direction of one cell at a time, and fails only
+when two independent conditions hold:
+
+1. **Significance.** A two-sided Mann–Whitney U test on the pooled samples (``scipy.stats``)
+   rejects "both samples come from the same distribution" at level :data:`ALPHA`. The U test is
+   a rank test: it needs no normality, and a few enormous outliers (a context switch, a page
+   fault) weigh no more than any other sample that lies on the same side.
+
+2. **A minimum effect.** The whole :data:`CONFIDENCE` interval of the ratio
+   ``median(new) / median(base)`` lies above ``1 + threshold`` (default :data:`THRESHOLDS`:
+   10 % on a GPU, 25 % on a shared CPU). The interval's *lower bound* is used, not the point
+   estimate: the point estimate of identical code lands beyond 25 % by chance whenever one
+   side's processes were unlucky, while the lower bound only does when the data show a slowdown
+   of at least the threshold with the stated confidence. The price is power: a true slowdown of
+   exactly the threshold is usually reported as "same"; a 2× slowdown is not.
+
+The interval is a **percentile bootstrap of the ratio of medians**. Samples that came from
+several worker processes (``bench ab`` runs each side in several interleaved rounds, one
+process per round) are not independent: a process can be unlucky as a whole (another job
+started, the allocator laid memory out differently). The bootstrap therefore resamples at both
+levels, as in the hierarchical bootstrap (Saravanan, Berman & Sober, "Application of the
+hierarchical bootstrap to multi-level data in neuroscience", NBDC 2020,
+https://arxiv.org/abs/2007.07797): each replicate draws the rounds with replacement, then the
+samples within each drawn round with replacement, and takes the median of what it drew; the
+ratio of the two sides' replicate medians is one draw of the ratio's sampling distribution. A
+run with one process per cell (``bench run``) is a single round, and the procedure is the
+ordinary bootstrap. With few rounds the interval is wide (it spans from the luckiest to the
+unluckiest rounds), which is the conservative direction for a gate. Replicates use a fixed seed
+(:data:`BOOTSTRAP_SEED`), so the same samples always give the same interval and verdict.
+
+Verdicts per (cell, direction):
+
+- ``slower`` — significant, and the interval's lower bound ≥ 1 + threshold: **fails**;
+- ``faster`` — significant, and the interval's upper bound ≤ 1 / (1 + threshold) (the same
+  effect size in log space);
+- ``same`` — everything else; ``significant`` says whether a shift smaller than the threshold
+  was detected (shown, never failing);
+- ``broken`` — ``ok`` in base but ``error``, ``timeout``, ``oom`` or ``nonfinite`` in new: a
+  regression of another kind, and it **fails** too (a cell that now runs out of memory or time
+  has become infinitely slow);
+- ``fixed`` — failed in base, ``ok`` in new;
+- ``unsupported`` — the layer declares the cell unsupported in new (base ok): a deliberate
+  change of capability, reported but not failing;
+- ``not compared`` — nothing to compare (failed in both, or too few samples).
+
+A failing verdict can be **accepted** by an explicit marker (see :mod:`bench.accept`); it then
+stays in the report, marked accepted, and does not fail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+ALPHA = 0.01
+"""Significance level of the U test, and 1 − the interval's confidence. A CI gate runs a few
+dozen comparisons per commit; at 1 % the expected number of purely statistical alarms stays well
+below one per commit even before the effect-size condition (which removes almost all of them)."""
+
+CONFIDENCE = 1.0 - ALPHA
+"""Two-sided confidence of the bootstrap interval of the median ratio."""
+
+THRESHOLDS: dict[str, float] = {"cuda": 0.10, "cpu": 0.25}
+"""Minimum slowdown that can fail, by device. GPU timings of the same binary drift by a few
+per cent; a shared CPU (other jobs, frequency scaling, SMT siblings) by much more, so a smaller
+CPU threshold would either cry wolf or need far longer runs."""
+
+BOOTSTRAP_RESAMPLES = 2000
+"""Replicates per interval: the 0.5 % and 99.5 % quantiles rest on ~10 replicates each, enough
+for a gate whose decisions are not close calls (the effect threshold sits far from 1)."""
+
+BOOTSTRAP_SEED = 20261122
+"""Fixed seed of the bootstrap: identical inputs give identical verdicts (reproducible CI)."""
+
+MAX_POINTS_PER_ROUND = 400
+"""A round with more samples than this (fast calls collect thousands) enters the bootstrap as
+this many evenly spaced quantiles of its samples. That keeps the shape of the distribution and
+bounds the cost; the bootstrap of fewer points has a slightly *wider* spread, i.e. the
+shortcut errs on the side of not failing."""
+
+MIN_SAMPLES = 3
+"""Fewer samples than this on either side: no verdict ("not compared")."""
+
+FAILED_STATUSES = ("error", "timeout", "oom", "nonfinite")
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Raw timings (ms) of one direction, in the order taken, and how many each round
+    (worker process) contributed; one round if the run does not say."""
+
+    values: np.ndarray
+    round_sizes: tuple[int, ...]
+
+    @staticmethod
+    def of(values: Iterable[float], round_sizes: Iterable[int] | None = None) -> "Samples":
+        v = np.asarray(list(values), dtype=np.float64)
+        sizes = tuple(int(s) for s in round_sizes) if round_sizes else (v.size,)
+        if sum(sizes) != v.size or any(s < 1 for s in sizes):
+            sizes = (v.size,)  # inconsistent bookkeeping: treat the samples as one round
+        return Samples(v, sizes)
+
+    @property
+    def n(self) -> int:
+        return int(self.values.size)
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.values))
+
+    def rounds(self) -> list[np.ndarray]:
+        out, start = [], 0
+        for s in self.round_sizes:
+            out.append(self.values[start:start + s])
+            start += s
+        return out
+
+
+def _thin(values: np.ndarray, cap: int) -> np.ndarray:
+    if values.size <= cap:
+        return values
+    return np.quantile(values, (np.arange(cap) + 0.5) / cap)
+
+
+def bootstrap_medians(samples: Samples, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """``resamples`` bootstrap replicates of the median, resampling rounds, then samples within
+    the drawn rounds (see the module docstring)."""
+    rounds = [_thin(r, MAX_POINTS_PER_ROUND) for r in samples.rounds()]
+    sizes = np.array([r.size for r in rounds])
+    n_rounds, width = sizes.size, int(sizes.max())
+    if n_rounds == 1:
+        idx = rng.integers(0, width, size=(resamples, width))
+        return np.median(rounds[0][idx], axis=1)
+    padded = np.full((n_rounds, width), np.nan)
+    for i, r in enumerate(rounds):
+        padded[i, :r.size] = r
+    out = np.empty(resamples)
+    chunk = max(1, 2_000_000 // (n_rounds * width))  # bound the memory of one batch of replicates
+    for start in range(0, resamples, chunk):
+        m = min(chunk, resamples - start)
+        drawn = rng.integers(0, n_rounds, size=(m, n_rounds))  # which rounds this replicate uses
+        drawn_sizes = sizes[drawn][..., None]
+        within = (rng.random((m, n_rounds, width)) * drawn_sizes).astype(np.int64)
+        values = padded[drawn[..., None], within]
+        values[np.arange(width) >= drawn_sizes] = np.nan  # a short round contributes its own size only
+        out[start:start + m] = np.nanmedian(values.reshape(m, -1), axis=1)
+    return out
+
+
+def median_ratio_interval(base: Samples, new: Samples, confidence: float = CONFIDENCE,
+                          resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """Percentile-bootstrap ``confidence`` interval of ``median(new) / median(base)``."""
+    rng = np.random.default_rng(seed)
+    ratios = bootstrap_medians(new, resamples, rng) / bootstrap_medians(base, resamples, rng)
+    tail = (1.0 - confidence) / 2
+    lo, hi = np.quantile(ratios, [tail, 1.0 - tail])
+    return float(lo), float(hi)
+
+
+def mann_whitney_p(base: Samples, new: Samples) -> float:
+    """Two-sided Mann–Whitney U p-value of the pooled samples (1.0 when every value is equal)."""
+    from scipy.stats import mannwhitneyu
+
+    if np.ptp(np.concatenate([base.values, new.values])) == 0:
+        return 1.0  # all identical: no evidence of any difference (scipy would divide by zero)
+    return float(mannwhitneyu(new.values, base.values, alternative="two-sided").pvalue)
+
+
+# ---------------------------------------------------------------------------------------------
+# Verdicts
+
+
+@dataclass
+class Row:
+    """The comparison of one direction of one cell."""
+
+    key: str
+    cell: dict[str, Any]
+    direction: str
+    base_status: str
+    new_status: str
+    verdict: str
+    threshold: float
+    base_median: float | None = None
+    new_median: float | None = None
+    ratio: float | None = None
+    ci: tuple[float, float] | None = None
+    p_value: float | None = None
+    significant: bool = False
+    base_n: int = 0
+    new_n: int = 0
+    base_rounds: int = 0
+    new_rounds: int = 0
+    message: str = ""  # why a cell failed or was not compared
+    accepted: Any = None  # the marker (bench.accept.Marker) that accepted this failing verdict
+
+    @property
+    def layer(self) -> str:
+        return self.cell["layer"]
+
+    @property
+    def label(self) -> str:
+        """Layer, shape, device and dtype: ``glow-1x1 B=8 C=12 16x16 k=n/a cpu/float32``."""
+        from .sweep import Cell
+
+        return Cell.from_dict(self.cell).label()
+
+    @property
+    def name(self) -> str:
+        """What a marker pattern is matched against: the label and the direction."""
+        return f"{self.label} {self.direction}"
+
+    @property
+    def failing(self) -> bool:
+        return self.verdict in ("slower", "broken") and self.accepted is None
+
+
+@dataclass
+class Comparison:
+    """Every row of a comparison of two runs, and the cells only one of them has."""
+
+    rows: list[Row]
+    only_base: list[dict[str, Any]] = field(default_factory=list)  # records
+    only_new: list[dict[str, Any]] = field(default_factory=list)
+    unused_markers: list[Any] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[Row]:
+        return [r for r in self.rows if r.failing]
+
+    @property
+    def accepted(self) -> list[Row]:
+        return [r for r in self.rows if r.accepted is not None]
+
+    @property
+    def compared(self) -> list[Row]:
+        return [r for r in self.rows if r.ratio is not None]
+
+
+def default_threshold(device: str) -> float:
+    return THRESHOLDS.get(device, THRESHOLDS["cpu"])
+
+
+def compare_samples(base: Samples, new: Samples, threshold: float) -> dict[str, Any]:
+    """Ratio, interval, p-value and verdict (``slower``, ``faster`` or ``same``) of two samples."""
+    lo, hi = median_ratio_interval(base, new)
+    p = mann_whitney_p(base, new)
+    significant = p < ALPHA
+    if significant and lo >= 1.0 + threshold:
+        verdict = "slower"
+    elif significant and hi <= 1.0 / (1.0 + threshold):
+        verdict = "faster"
+    else:
+        verdict = "same"
+    return {"ratio": new.median / base.median, "ci": (lo, hi), "p_value": p, "significant": significant,
+            "verdict": verdict, "base_median": base.median, "new_median": new.median}
+
+
+def _samples(direction: dict[str, Any]) -> Samples:
+    return Samples.of(direction.get("samples_ms") or [], direction.get("round_sizes"))
+
+
+def compare_direction(key: str, cell: dict[str, Any], direction: str, base: dict[str, Any] | None,
+                      new: dict[str, Any] | None, threshold: float) -> Row:
+    base, new = base or {"status": "missing"}, new or {"status": "missing"}
+    bs, ns = base.get("status", "missing"), new.get("status", "missing")
+    row = Row(key, cell, direction, bs, ns, "not compared", threshold)
+    if bs == "ok" and ns == "ok":
+        b, n = _samples(base), _samples(new)
+        row.base_n, row.new_n = b.n, n.n
+        row.base_rounds, row.new_rounds = len(b.round_sizes), len(n.round_sizes)
+        if min(b.n, n.n) < MIN_SAMPLES:
+            row.message = f"too few samples to compare ({b.n} in base, {n.n} in new; at least {MIN_SAMPLES} needed)"
+            return row
+        for k, v in compare_samples(b, n, threshold).items():
+            setattr(row, k, v)
+    elif bs == "ok" and ns in FAILED_STATUSES:
+        row.verdict = "broken"
+        row.message = new.get("message") or ns
+    elif bs == "ok" and ns == "unsupported":
+        row.verdict = "unsupported"
+        row.message = new.get("message") or ""
+    elif bs in FAILED_STATUSES and ns == "ok":
+        row.verdict = "fixed"
+        row.message = base.get("message") or bs
+    else:
+        row.message = f"base {bs}, new {ns}"
+    return row
+
+
+def compare_records(base: list[dict[str, Any]], new: list[dict[str, Any]], threshold: float | None = None,
+                    markers: Iterable[Any] = ()) -> Comparison:
+    """Compare two runs' records cell by cell (matched by ``Cell.key()``) and direction by direction.
+
+    ``threshold`` None: the default of each cell's device (:data:`THRESHOLDS`). ``markers``:
+    :class:`bench.accept.Marker`-like objects with ``matches(row) -> bool``; a failing row that
+    one matches is accepted.
+    """
+    base_by_key = {r["key"]: r for r in base}
+    new_by_key = {r["key"]: r for r in new}
+    rows: list[Row] = []
+    for key, nr in new_by_key.items():
+        br = base_by_key.get(key)
+        if br is None:
+            continue
+        cell = nr["cell"]
+        t = default_threshold(cell.get("device", "cpu")) if threshold is None else threshold
+        directions = list(dict.fromkeys([*br.get("directions", {}), *nr.get("directions", {})]))
+        for d in directions:
+            rows.append(compare_direction(key, cell, d, br["directions"].get(d), nr["directions"].get(d), t))
+    markers = list(markers)
+    used: set[int] = set()
+    for row in rows:
+        if row.verdict in ("slower", "broken"):
+            for i, m in enumerate(markers):
+                if m.matches(row):
+                    row.accepted = m
+                    used.add(i)
+                    break
+    return Comparison(
+        rows=rows,
+        only_base=[r for k, r in base_by_key.items() if k not in new_by_key],
+        only_new=[r for k, r in new_by_key.items() if k not in base_by_key],
+        unused_markers=[m for i, m in enumerate(markers) if i not in used],
+    )

@@ -1,0 +1,104 @@
+"""Ratio baselines: record, check, a regressed ratio named with its cell, acceptance, improvements."""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import redirect_stderr, redirect_stdout
+from types import SimpleNamespace
+
+import pytest
+
+from bench import baselines
+
+
+def bench(*args):
+    from bench.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:
+            code = exc.code
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    path = tmp_path_factory.mktemp("baselines") / "cpu.json"
+    res = bench("baseline", "record", "--device", "cpu", "--layers", "inverse-flow", "--file", str(path), "--quiet")
+    assert res.returncode == 0, res.stderr
+    return path
+
+
+def test_record_writes_ratios_environment_and_thresholds(recorded):
+    doc = json.loads(recorded.read_text())
+    names = [r["name"] for r in doc["ratios"]]
+    assert names == ["solve / conv2d @ B=8 C=12 16x16 k=3", "solve / conv2d @ B=8 C=12 32x32 k=3",
+                     "inverse-flow forward / glow-1x1 @ B=8 C=12 16x16 k=3",
+                     "inverse-flow sampling / glow-1x1 @ B=8 C=12 16x16 k=3",
+                     "inverse-flow train / glow-1x1 @ B=8 C=12 16x16 k=3"]
+    assert doc["device"] == "cpu" and doc["environment"]["torch"]["version"] and doc["how"]["threads"] == 1
+    for r in doc["ratios"]:
+        assert r["value"] > 0 and r["threshold"] >= baselines.MIN_THRESHOLDS["cpu"]
+        assert len(r["repeats"]) == baselines.RECORD_REPEATS
+    # The solve inverts the very convolution it is divided by, so it costs more (SPEC.md §8).
+    assert doc["ratios"][0]["value"] > 1
+
+
+def _edited(recorded, tmp_path, **values):
+    doc = json.loads(recorded.read_text())
+    doc["ratios"] = [r for r in doc["ratios"] if r["name"].startswith(tuple(values))]
+    for r in doc["ratios"]:
+        r["value"] = next(v for k, v in values.items() if r["name"].startswith(k))
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_unchanged_code_passes(recorded):
+    res = bench("baseline", "check", "--device", "cpu", "--file", str(recorded), "--quiet")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "### ratio baselines: no regression" in res.stdout
+
+
+def test_a_regressed_ratio_fails_naming_ratio_cell_and_values(recorded, tmp_path):
+    # A baseline claiming inverse-flow's forward cost a hundredth of glow-1x1's: today's code is
+    # "slower" than that by far, in every attempt.
+    path = _edited(recorded, tmp_path, **{"inverse-flow forward": 0.01})
+    res = bench("baseline", "check", "--device", "cpu", "--file", str(path), "--quiet")
+    assert res.returncode == 1
+    line = next(ln for ln in res.stderr.splitlines() if ln.startswith("BASELINE REGRESSION"))
+    assert line.startswith("BASELINE REGRESSION: inverse-flow forward / glow-1x1 @ B=8 C=12 16x16 k=3, "
+                           "cell inverse-flow B=8 C=12 16x16 k=3 cpu/float32: ratio ")
+    assert "vs baseline 0.01" in line and "limit +" in line
+    row = next(ln for ln in res.stdout.splitlines() if ln.startswith("| inverse-flow forward"))
+    attempts = row.split("|")[5]
+    assert "**regressed**" in row and attempts.count(",") == baselines.CHECK_ATTEMPTS - 1
+
+
+def test_an_accepted_regression_passes_and_is_repeated(recorded, tmp_path):
+    path = _edited(recorded, tmp_path, **{"inverse-flow forward": 0.01})
+    res = bench("baseline", "check", "--device", "cpu", "--file", str(path), "--quiet",
+                "--accept", "inverse-flow — the solve now validates its input")
+    assert res.returncode == 0, res.stderr
+    assert "accepted baseline regression: inverse-flow forward" in res.stderr
+    assert "the solve now validates its input" in res.stdout
+
+
+def test_an_improvement_is_reported_not_failed(recorded, tmp_path):
+    path = _edited(recorded, tmp_path, **{"solve / conv2d @ B=8 C=12 16x16": 1e6})
+    res = bench("baseline", "check", "--device", "cpu", "--file", str(path), "--quiet")
+    assert res.returncode == 0 and "improved" in res.stdout and "re-record" in res.stderr
+
+
+def test_missing_baseline_is_a_usage_error(tmp_path):
+    res = bench("baseline", "check", "--device", "cpu", "--file", str(tmp_path / "none.json"))
+    assert res.returncode == 2 and "baseline record" in res.stderr
+
+
+def test_the_committed_cpu_baseline_is_readable():
+    doc, ratios = baselines.load(baselines.baseline_path("cpu"))
+    assert doc["device"] == "cpu" and ratios
+    assert any(r.layer == "solve" for r in ratios) and any(r.name.startswith("inverse-flow") for r in ratios)
