@@ -12,8 +12,10 @@ Every layer that needs a causal convolution or its inverse uses this module (SPE
 - :func:`assemble_weight` — the effective weight of a masked causal convolution from its free
   parameters, so that any parameter values give an exactly invertible map.
 
-The solve's implementation is chosen per call by :func:`solver_for`; this file holds the
-pure-PyTorch reference (one gather and two matmuls per anti-diagonal).
+The solve's implementation is chosen per call by :func:`solver_for` (and the backward's by
+:func:`adjoint_solver_for`) under ``INVCONV_SOLVER`` (``auto``, ``torch`` or ``native``; see
+:mod:`layers.native`): the native C++ / CUDA kernels of ``csrc/`` where they build, else the
+pure-PyTorch reference in this file (one gather and two matmuls per anti-diagonal).
 """
 
 from __future__ import annotations
@@ -25,15 +27,20 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from . import native
+
 __all__ = [
     "ORIENTATIONS",
+    "adjoint_reference",
     "adjoint_solve",
+    "adjoint_solver_for",
     "assemble_weight",
     "causal_conv2d",
     "causal_padding",
     "centre_tap",
     "solve",
     "solve_reference",
+    "solver_for",
 ]
 
 Orientation = Literal["TL", "TR", "BL", "BR"]
@@ -175,10 +182,17 @@ def adjoint_solve(g: torch.Tensor, weight: torch.Tensor, orientation: str = "TL"
 
     ``Tᵀ`` is a causal convolution of the opposite orientation with the channel-transposed,
     spatially flipped kernel; its centre is ``Lᵀ`` (upper triangular), so the channel order is
-    reversed as well to make it lower triangular again.
+    reversed as well to make it lower triangular again. The native kernels do this by index
+    arithmetic; :func:`adjoint_reference` with flipped copies.
     """
+    return adjoint_solver_for(g)(g, weight, orientation, unit_diagonal)
+
+
+def adjoint_reference(g: torch.Tensor, weight: torch.Tensor, orientation: str = "TL",
+                      unit_diagonal: bool = False) -> torch.Tensor:
+    """Pure-PyTorch ``T⁻ᵀ g``: :func:`solve_reference` on flipped, channel-reversed copies."""
     kernel = weight.flip(0, 1).transpose(0, 1).flip(2, 3)
-    lam = _solve_impl(g.flip(1), kernel, _OPPOSITE[orientation], unit_diagonal)
+    lam = solve_reference(g.flip(1), kernel, _OPPOSITE[orientation], unit_diagonal)
     return lam.flip(1)
 
 
@@ -219,12 +233,32 @@ def _solve_impl(y: torch.Tensor, weight: torch.Tensor, orientation: str, unit_di
     return solver_for(y)(y, weight, orientation, unit_diagonal)
 
 
-def solver_for(y: torch.Tensor):
-    """The solve implementation used for tensors like ``y``.
+def _implementation(t: torch.Tensor) -> tuple:
+    mode = native.requested_mode()
+    if mode != "torch":
+        kernels = native.kernels_for(t.device, t.dtype, required=(mode == "native"))
+        if kernels is not None:
+            return kernels.solve, kernels.adjoint
+    return solve_reference, adjoint_reference
 
-    Only the pure-PyTorch reference exists so far; native kernels plug in here.
+
+def solver_for(y: torch.Tensor):
+    """The solve implementation used for tensors like ``y``: ``(y, weight, orientation,
+    unit_diagonal) -> x``, without autograd.
+
+    Chosen per call from ``INVCONV_SOLVER`` (``auto`` — default — the native kernel of ``y``'s
+    device where it builds, else the reference; ``torch``; ``native``, an error when
+    unavailable) and ``y``'s device and dtype. The first call that wants a native kernel
+    compiles it (see :mod:`layers.native`). :func:`layers.native.solver_status` says which one
+    is used and why.
     """
-    return solve_reference
+    return _implementation(y)[0]
+
+
+def adjoint_solver_for(g: torch.Tensor):
+    """The ``T⁻ᵀ g`` implementation for tensors like ``g`` (same signature and choice as
+    :func:`solver_for`)."""
+    return _implementation(g)[1]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,274 @@
+"""The native solve kernels (csrc/) against the PyTorch reference and dense linear algebra.
+
+The CPU kernel is built on first use (once per cache; about a minute on two cores). These tests
+fail when it does not build on a machine with a C++ compiler: a broken native build must not
+pass unseen as a silent fallback to PyTorch.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import dense_conv_matrix, random_causal_weight
+
+import layers
+from layers import causal, native
+from layers.causal import (
+    ORIENTATIONS,
+    adjoint_reference,
+    adjoint_solve,
+    assemble_weight,
+    causal_conv2d,
+    solve,
+    solve_reference,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+HAS_CXX = shutil.which(os.environ.get("CXX", "c++")) is not None
+
+
+@pytest.fixture(scope="module")
+def cpu_kernels():
+    if not HAS_CXX:
+        pytest.skip("no C++ compiler on PATH: the native CPU solver cannot be built here")
+    status = native.load("cpu")
+    assert status.available, f"the native CPU solver did not build:\n{status.reason}"
+    return native.kernels_for("cpu", torch.float64)
+
+
+def _isas():
+    """Every CPU SIMD path this machine can run: the portable one always, AVX2+FMA where present."""
+    if not HAS_CXX or not native.load("cpu").available:
+        return ["auto"]
+    return ["generic"] + (["avx2"] if torch.ops.invconv_cpu.isa() == "avx2+fma" else [])
+
+
+def _cpu(y, w, orientation, unit, adjoint=False, isa="auto"):
+    code = native._CPU_ISAS[isa]
+    return torch.ops.invconv_cpu.solve(y, w, native.ORIENTATION_CODES[orientation], unit, adjoint, code)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 7])
+@pytest.mark.parametrize("c", [1, 3, 4, 12, 48])
+@pytest.mark.parametrize("unit", [True, False], ids=["unit", "general"])
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_cpu_solve_matches_reference(cpu_kernels, orientation, unit, c, k):
+    """Solve and adjoint solve, both SIMD paths, B in {1, 3}, non-square images (one smaller than k)."""
+    for b, (h, w) in [(1, (5, 8)), (3, (6, 3))]:
+        weight = random_causal_weight(c, k, orientation, unit, scale=0.3 / max(1.0, c**0.5 * k / 3))
+        y = torch.randn(b, c, h, w, dtype=torch.float64)
+        ref = solve_reference(y, weight, orientation, unit)
+        ref_adj = adjoint_reference(y, weight, orientation, unit)
+        for isa in _isas():
+            torch.testing.assert_close(_cpu(y, weight, orientation, unit, False, isa), ref, rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(_cpu(y, weight, orientation, unit, True, isa), ref_adj, rtol=1e-10, atol=1e-10)
+            x32 = _cpu(y.float(), weight.float(), orientation, unit, False, isa)
+            torch.testing.assert_close(x32, ref.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("unit", [True, False], ids=["unit", "general"])
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_cpu_solve_matches_dense_solve(cpu_kernels, k, orientation, unit):
+    b, c, h, w = 2, 4, 4, 5
+    weight = random_causal_weight(c, k, orientation, unit)
+    y = torch.randn(b, c, h, w, dtype=torch.float64)
+    t = dense_conv_matrix(weight, orientation, h, w)
+    expected = torch.linalg.solve(t, y.reshape(b, -1).t()).t().reshape(y.shape)
+    expected_adj = torch.linalg.solve(t.t(), y.reshape(b, -1).t()).t().reshape(y.shape)
+    for isa in _isas():
+        x = _cpu(y, weight, orientation, unit, False, isa)
+        torch.testing.assert_close(x, expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(causal_conv2d(x, weight, orientation), y, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(_cpu(y, weight, orientation, unit, True, isa), expected_adj, rtol=1e-10,
+                                   atol=1e-10)
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_cpu_solve_larger_image_and_odd_layouts(cpu_kernels, isa):
+    """Rows longer than the register blocks, many rows through the ring, non-contiguous input."""
+    if isa not in _isas():
+        pytest.skip("this CPU has no AVX2+FMA")
+    weight = random_causal_weight(12, 3, "BL", unit=False, scale=0.05)
+    y = torch.randn(2, 40, 12, 37, dtype=torch.float64).transpose(1, 2)  # (2, 12, 40, 37), strided
+    ref = solve_reference(y.contiguous(), weight, "BL", False)
+    torch.testing.assert_close(_cpu(y, weight, "BL", False, False, isa), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_cpu_solve_rejects_bad_arguments(cpu_kernels):
+    w = random_causal_weight(3, 3, "TL", unit=True)
+    y = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        _cpu(y.half(), w.half(), "TL", True)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        _cpu(y[:, :2], w, "TL", True)
+    with pytest.raises(RuntimeError, match="dtypes differ"):
+        _cpu(y.float(), w, "TL", True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Through the public, differentiable solve with INVCONV_SOLVER=native
+
+
+@pytest.fixture
+def native_mode(monkeypatch, cpu_kernels):
+    monkeypatch.setenv(native.SOLVER_ENV, "native")
+    return cpu_kernels
+
+
+def test_native_mode_dispatches_to_the_native_kernels(native_mode):
+    y = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    assert causal.solver_for(y) is native_mode.solve
+    assert causal.adjoint_solver_for(y) is native_mode.adjoint
+    assert causal.solver_for(y.float()) is native_mode.solve
+
+
+@pytest.mark.parametrize("unit", [True, False], ids=["unit", "general"])
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_native_gradients_match_autograd_through_dense_solve(native_mode, orientation, unit):
+    b, c, h, w, k = 2, 3, 4, 5, 3
+    weight = random_causal_weight(c, k, orientation, unit).requires_grad_()
+    y = torch.randn(b, c, h, w, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(b, c, h, w, dtype=torch.float64)
+    x = solve(y, weight, orientation, unit_diagonal=unit)
+    gy, gw = torch.autograd.grad((x * upstream).sum(), (y, weight))
+    t = dense_conv_matrix(weight, orientation, h, w)
+    x_dense = torch.linalg.solve(t, y.reshape(b, -1).t()).t().reshape(b, c, h, w)
+    gy_dense, gw_dense = torch.autograd.grad((x_dense * upstream).sum(), (y, weight))
+    torch.testing.assert_close(x, x_dense, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gy, gy_dense, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(gw, gw_dense, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("unit", [True, False], ids=["unit", "general"])
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_native_gradcheck(native_mode, orientation, unit):
+    c, k = 4, 3
+    off = (torch.randn(c, c, k * k - 1, dtype=torch.float64) * 0.2).requires_grad_()
+    lower = (torch.randn(c * (c - 1) // 2, dtype=torch.float64) * 0.2).requires_grad_()
+    diag = None if unit else (1.0 + 0.3 * torch.rand(c, dtype=torch.float64)).requires_grad_()
+    y = torch.randn(2, c, 4, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(y, off, lower, *diag):
+        wgt = assemble_weight(off, lower, diag[0] if diag else None, orientation)
+        return solve(y, wgt, orientation, unit_diagonal=unit)
+
+    inputs = (y, off, lower) + (() if unit else (diag,))
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("name", ["inverse-flow", "finc"])
+def test_layers_native_equals_torch_float32(monkeypatch, cpu_kernels, name):
+    """INVCONV_SOLVER=native gives the same results as =torch through the layers, in both
+    directions and in the gradients of a training step."""
+    torch.manual_seed(1)
+    layer = layers.create(name, channels=12, kernel_size=3)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(3, 12, 10, 7)
+    results = {}
+    for mode in ("torch", "native"):
+        monkeypatch.setenv(native.SOLVER_ENV, mode)
+        layer.zero_grad()
+        z, logdet = layer(x)
+        ((z**2).sum() + logdet.sum()).backward()
+        grads = [p.grad.clone() for p in layer.parameters()]
+        with torch.no_grad():
+            back = layer.inverse(z)
+        results[mode] = (z.detach(), back, grads)
+    z_t, back_t, grads_t = results["torch"]
+    z_n, back_n, grads_n = results["native"]
+    torch.testing.assert_close(z_n, z_t, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(back_n, back_t, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(back_n, x, rtol=1e-4, atol=1e-4)
+    for gn, gt in zip(grads_n, grads_t):
+        torch.testing.assert_close(gn, gt, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# INVCONV_SOLVER semantics and the status report
+
+
+def test_solver_env_rejects_unknown_values(monkeypatch):
+    monkeypatch.setenv(native.SOLVER_ENV, "fast")
+    y = torch.randn(1, 2, 3, 3, dtype=torch.float64)
+    w = random_causal_weight(2, 2, "TL", unit=True)
+    with pytest.raises(ValueError, match="INVCONV_SOLVER='fast' is not valid; accepted values: auto, torch, native"):
+        solve(y, w)
+    assert native.solver_status()["cpu"]["solver"] == "error"
+
+
+def test_solver_env_torch_uses_the_reference(monkeypatch):
+    monkeypatch.setenv(native.SOLVER_ENV, "torch")
+    y = torch.randn(1, 2, 3, 3, dtype=torch.float64)
+    assert causal.solver_for(y) is solve_reference
+    assert causal.adjoint_solver_for(y) is adjoint_reference
+    assert native.solver_status(build=False)["cpu"]["solver"] == "torch"
+
+
+@pytest.fixture
+def cpu_unavailable(monkeypatch):
+    """Simulate a failed build (as if the compiler had rejected the sources)."""
+    reason = "build failed: RuntimeError: solve_cpu.cpp:1:1: error: simulated compiler error"
+    monkeypatch.setitem(native._status, "cpu", native.BuildStatus(False, reason))
+    return reason
+
+
+def test_solver_env_native_errors_with_the_reason_when_unavailable(monkeypatch, cpu_unavailable):
+    monkeypatch.setenv(native.SOLVER_ENV, "native")
+    w = random_causal_weight(2, 2, "TL", unit=True)
+    y = torch.randn(1, 2, 3, 3, dtype=torch.float64)
+    with pytest.raises(native.NativeUnavailableError, match="simulated compiler error"):
+        solve(y, w)
+    status = native.solver_status()["cpu"]
+    assert status["solver"] == "error" and "simulated compiler error" in status["reason"]
+
+
+def test_solver_env_auto_falls_back_with_the_reason(monkeypatch, cpu_unavailable):
+    monkeypatch.setenv(native.SOLVER_ENV, "auto")
+    w = random_causal_weight(2, 2, "TL", unit=True)
+    y = torch.randn(1, 2, 3, 3, dtype=torch.float64)
+    assert causal.solver_for(y) is solve_reference
+    torch.testing.assert_close(solve(y, w, unit_diagonal=True), solve_reference(y, w, "TL", True))
+    status = native.solver_status()["cpu"]
+    assert status["solver"] == "torch" and "simulated compiler error" in status["reason"]
+    assert "cpu: torch (INVCONV_SOLVER=auto) — native unavailable: build failed" in native.describe()
+
+
+def test_unsupported_dtype(monkeypatch, cpu_kernels):
+    y = torch.randn(1, 2, 3, 3, dtype=torch.bfloat16)
+    monkeypatch.setenv(native.SOLVER_ENV, "auto")
+    assert causal.solver_for(y) is solve_reference
+    monkeypatch.setenv(native.SOLVER_ENV, "native")
+    with pytest.raises(native.NativeUnavailableError, match="float32 and float64"):
+        causal.solver_for(y)
+
+
+def test_default_mode_is_native_when_it_builds(monkeypatch, cpu_kernels):
+    monkeypatch.delenv(native.SOLVER_ENV, raising=False)
+    assert causal.solver_for(torch.zeros(1, 1, 1, 1)) is cpu_kernels.solve
+    status = native.solver_status()["cpu"]
+    assert status["solver"] == "native-cpu" and "C++ kernel" in status["reason"]
+
+
+def test_import_builds_nothing():
+    """Importing the package (and solving with INVCONV_SOLVER=torch) compiles and loads no native code."""
+    code = textwrap.dedent(
+        """
+        import os, torch
+        os.environ["INVCONV_SOLVER"] = "torch"
+        import layers, layers.causal, layers.native
+        layers.causal.solve(torch.randn(1, 2, 3, 3), torch.eye(2).reshape(2, 2, 1, 1))
+        loaded = [lib for lib in torch.ops.loaded_libraries if "invconv" in lib]
+        print(layers.native._status, loaded)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.split() == ["{}", "[]"], out
+    assert "compiling" not in out.stderr
