@@ -66,7 +66,7 @@ _CPU_DEPENDS = ("solve_cpu_kernel.h",)
 _CUDA_SOURCES = ("solve_cuda.cu", "solve_cuda_binding.cpp")
 _CUDA_DEPENDS = ("solve_cuda.h",)
 _CPU_FLAGS = ["-O3", "-fopenmp", "-Wno-psabi"]  # OpenMP: at::parallel_for is header code (torch's libgomp is reused)
-_CUDA_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]
+_CUDA_FLAGS = ["-O3", "-lineinfo"]  # the C++ standard is left to cpp_extension
 
 ORIENTATION_CODES = {"TL": 0, "TR": 1, "BL": 2, "BR": 3}
 SUPPORTED_DTYPES = (torch.float32, torch.float64)

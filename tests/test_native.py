@@ -2,7 +2,8 @@
 
 The CPU kernel is built on first use (once per cache; about a minute on two cores). These tests
 fail when it does not build on a machine with a C++ compiler: a broken native build must not
-pass unseen as a silent fallback to PyTorch.
+pass unseen as a silent fallback to PyTorch. CUDA tests run where a GPU is present; the `.cu`
+sources are compiled with nvcc wherever nvcc exists, GPU or not.
 """
 
 import os
@@ -30,6 +31,7 @@ from layers.causal import (
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_CXX = shutil.which(os.environ.get("CXX", "c++")) is not None
+CUDA = torch.cuda.is_available()
 
 
 @pytest.fixture(scope="module")
@@ -272,3 +274,182 @@ def test_import_builds_nothing():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.split() == ["{}", "[]"], out
     assert "compiling" not in out.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA: compiled wherever nvcc exists, emulated on the host everywhere, run where a GPU is present
+
+
+@pytest.fixture(scope="session")
+def cuda_emulator(tmp_path_factory):
+    """csrc/solve_cuda.cu compiled as host C++ through tests/cuda_emulation/shim.h (32 threads per
+    block, so every loop over a block's work runs several rounds)."""
+    if not HAS_CXX:
+        pytest.skip("no C++ compiler on PATH")
+    exe = tmp_path_factory.mktemp("emulator") / "emulate"
+    src = ROOT / "tests" / "cuda_emulation" / "emulate.cpp"
+    cmd = [os.environ.get("CXX", "c++"), "-std=c++20", "-O1", "-pthread", "-DINVCONV_CUDA_THREADS=32",
+           "-Wno-unknown-pragmas", str(src), "-o", str(exe)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return exe
+
+
+def _emulate(exe, tmp_path, y, w, orientation, unit, adjoint, max_rows=0, ring=False, dtype=torch.float64,
+             smem_limit=None):
+    import numpy as np
+
+    b, c, h, wd = y.shape
+    y.double().numpy().tofile(tmp_path / "y")
+    w.double().numpy().tofile(tmp_path / "w")
+    args = [str(exe), "0" if dtype == torch.float32 else "1", str(b), str(c), str(h), str(wd), str(w.shape[-1]),
+            str(native.ORIENTATION_CODES[orientation]), str(int(unit)), str(int(adjoint)), str(max_rows),
+            str(int(ring)), str(tmp_path / "y"), str(tmp_path / "w"), str(tmp_path / "x")]
+    env = dict(os.environ, **({"EMU_SMEM_LIMIT": str(smem_limit)} if smem_limit else {}))
+    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    x = torch.from_numpy(np.fromfile(tmp_path / "x", dtype=np.float64)).reshape(y.shape)
+    plan = dict(item.split("=") for item in out.stdout.split())
+    return x, {key: int(v) for key, v in plan.items()}
+
+
+# (shape, k, max_rows, force_ring, smem_limit, what the plan must show)
+_EMULATED = [
+    ((2, 3, 5, 8), 3, 0, False, None, {"strips": 1, "ring": 0}),
+    ((1, 48, 6, 7), 2, 0, False, None, {"strips": 1, "n_ob": 3}),
+    ((2, 12, 23, 9), 3, 6, False, None, {"strips": 4, "ring": 0}),
+    ((1, 4, 13, 11), 5, 4, True, None, {"strips": 4, "ring": 1}),
+    ((1, 12, 9, 30), 3, 3, True, None, {"strips": 3, "ring": 1}),
+    ((1, 24, 20, 9), 3, 0, False, 20000, {"ring": 1, "weights_in_smem": 0}),
+    ((2, 1, 4, 3), 1, 0, False, None, {"strips": 1}),
+]
+
+
+@pytest.mark.parametrize("case", range(len(_EMULATED)))
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_cuda_kernel_emulated_on_host(cuda_emulator, tmp_path, orientation, case):
+    """The CUDA kernels' indexing, orientations, adjoint, strips with progress flags, column ring
+    and shared-memory planning, run on the host (see tests/cuda_emulation/shim.h for what this
+    does not check)."""
+    shape, k, max_rows, ring, smem_limit, expect_plan = _EMULATED[case]
+    unit = case % 2 == 0
+    adjoint = orientation in ("TR", "BR")
+    weight = random_causal_weight(shape[1], k, orientation, unit, scale=0.05)
+    y = torch.randn(shape, dtype=torch.float64)
+    ref = (adjoint_reference if adjoint else solve_reference)(y, weight, orientation, unit)
+    x, plan = _emulate(cuda_emulator, tmp_path, y, weight, orientation, unit, adjoint, max_rows, ring,
+                       smem_limit=smem_limit)
+    assert {key: plan[key] for key in expect_plan} == expect_plan, plan
+    torch.testing.assert_close(x, ref, rtol=1e-10, atol=1e-10)
+    if case == 0:
+        x32, _ = _emulate(cuda_emulator, tmp_path, y, weight, orientation, unit, adjoint, dtype=torch.float32)
+        torch.testing.assert_close(x32, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_planner_reports_shapes_that_do_not_fit(cuda_emulator, tmp_path):
+    weight = random_causal_weight(12, 7, "TL", True)
+    y = torch.randn(1, 12, 8, 8, dtype=torch.float64)
+    with pytest.raises(AssertionError, match="does not fit in shared memory"):
+        _emulate(cuda_emulator, tmp_path, y, weight, "TL", True, False, smem_limit=8000)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_cuda_sources_compile_with_nvcc(tmp_path):
+    """The kernels compile (no GPU needed), so a syntax error in the .cu cannot land unseen."""
+    cmd = ["nvcc", "-std=c++17", "-O3", "-arch=sm_90", "-Werror", "all-warnings", "-c", str(ROOT / "csrc" / "solve_cuda.cu"),
+           "-o", str(tmp_path / "solve_cuda.o")]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr + out.stdout
+
+
+cuda_only = pytest.mark.skipif(not CUDA, reason="no CUDA device")
+
+
+@pytest.fixture(scope="module")
+def cuda_kernels():
+    status = native.load("cuda")
+    assert status.available, f"the native CUDA solver did not build:\n{status.reason}"
+    return native.kernels_for("cuda", torch.float32)
+
+
+def _cuda(y, w, orientation, unit, adjoint=False, max_rows=0, ring=False):
+    return torch.ops.invconv_cuda.solve(y, w, native.ORIENTATION_CODES[orientation], unit, adjoint, max_rows, ring)
+
+
+@cuda_only
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 7])
+@pytest.mark.parametrize("c", [1, 3, 4, 12, 48])
+@pytest.mark.parametrize("unit", [True, False], ids=["unit", "general"])
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_cuda_solve_matches_reference(cuda_kernels, orientation, unit, c, k):
+    for b, (h, w) in [(1, (5, 8)), (3, (6, 3))]:
+        weight = random_causal_weight(c, k, orientation, unit, scale=0.3 / max(1.0, c**0.5 * k / 3))
+        y = torch.randn(b, c, h, w, dtype=torch.float64)
+        ref = solve_reference(y, weight, orientation, unit)
+        ref_adj = adjoint_reference(y, weight, orientation, unit)
+        yc, wc = y.cuda(), weight.cuda()
+        torch.testing.assert_close(_cuda(yc, wc, orientation, unit).cpu(), ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(_cuda(yc, wc, orientation, unit, True).cpu(), ref_adj, rtol=1e-10, atol=1e-10)
+        x32 = _cuda(yc.float(), wc.float(), orientation, unit).cpu()
+        torch.testing.assert_close(x32, ref.float(), rtol=1e-4, atol=1e-4)
+
+
+@cuda_only
+@pytest.mark.parametrize("max_rows,ring", [(0, False), (8, False), (5, True), (3, True)])
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_cuda_strips_and_column_ring(cuda_kernels, orientation, max_rows, ring):
+    """Row strips that wait on each other's progress flags, and the column ring of wide images."""
+    weight = random_causal_weight(12, 3, orientation, unit=False, scale=0.05)
+    y = torch.randn(3, 12, 45, 71, dtype=torch.float64)
+    ref = solve_reference(y, weight, orientation, False)
+    x = _cuda(y.cuda(), weight.cuda(), orientation, False, False, max_rows, ring).cpu()
+    torch.testing.assert_close(x, ref, rtol=1e-10, atol=1e-10)
+    lam = _cuda(y.cuda(), weight.cuda(), orientation, False, True, max_rows, ring).cpu()
+    torch.testing.assert_close(lam, adjoint_reference(y, weight, orientation, False), rtol=1e-10, atol=1e-10)
+
+
+@cuda_only
+def test_cuda_large_image_and_batch(cuda_kernels):
+    weight = random_causal_weight(12, 3, "TL", unit=True, scale=0.05, dtype=torch.float32)
+    y = torch.randn(2, 12, 256, 256)
+    x = _cuda(y.cuda(), weight.cuda(), "TL", True)
+    torch.testing.assert_close(causal_conv2d(x, weight.cuda(), "TL").cpu(), y, rtol=1e-4, atol=1e-4)
+    y = torch.randn(1100, 4, 8, 8)  # more images than threads in a block (the published code failed here)
+    w4 = random_causal_weight(4, 3, "TL", unit=True, scale=0.05, dtype=torch.float32)
+    x = _cuda(y.cuda(), w4.cuda(), "TL", True)
+    torch.testing.assert_close(causal_conv2d(x, w4.cuda(), "TL").cpu(), y, rtol=1e-4, atol=1e-4)
+
+
+@cuda_only
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_cuda_gradcheck(monkeypatch, cuda_kernels, orientation):
+    monkeypatch.setenv(native.SOLVER_ENV, "native")
+    c, k = 4, 3
+    off = (torch.randn(c, c, k * k - 1, dtype=torch.float64, device="cuda") * 0.2).requires_grad_()
+    lower = (torch.randn(c * (c - 1) // 2, dtype=torch.float64, device="cuda") * 0.2).requires_grad_()
+    y = torch.randn(2, c, 4, 3, dtype=torch.float64, device="cuda", requires_grad=True)
+    assert causal.solver_for(y) is cuda_kernels.solve
+
+    def f(y, off, lower):
+        return solve(y, assemble_weight(off, lower, None, orientation), orientation, unit_diagonal=True)
+
+    assert torch.autograd.gradcheck(f, (y, off, lower))
+
+
+@cuda_only
+@pytest.mark.parametrize("name", ["inverse-flow", "finc"])
+def test_cuda_layers_native_equals_torch(monkeypatch, cuda_kernels, name):
+    torch.manual_seed(1)
+    layer = layers.create(name, channels=12, kernel_size=3).cuda()
+    x = torch.randn(3, 12, 20, 17, device="cuda")
+    outs = {}
+    for mode in ("torch", "native"):
+        monkeypatch.setenv(native.SOLVER_ENV, mode)
+        layer.zero_grad()
+        z, logdet = layer(x)
+        ((z**2).sum() + logdet.sum()).backward()
+        outs[mode] = (z.detach(), layer.inverse(z).detach(), [p.grad.clone() for p in layer.parameters()])
+    for a, b in zip(outs["native"][:2], outs["torch"][:2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for a, b in zip(outs["native"][2], outs["torch"][2]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
