@@ -14,6 +14,7 @@ import sys
 # name -> module in bench.commands
 COMMANDS = {
     "list": "list_layers",
+    "kernels": "kernels",
 }
 
 
