@@ -242,6 +242,71 @@ at::Tensor solve(const at::Tensor& y_, const at::Tensor& weight_, int64_t orient
   return x;
 }
 
+template <class WG>
+void weight_grad_run(const at::Tensor& x, const at::Tensor& lam, at::Tensor& out, int k, int orientation) {
+  using T = typename WG::T;
+  const int64_t B = x.size(0);
+  const int C = (int)x.size(1), H = (int)x.size(2), W = (int)x.size(3);
+  const int Cp = (C + WG::V - 1) / WG::V * WG::V;
+  const int pt = (orientation & 2) ? 0 : k - 1, pl = (orientation & 1) ? 0 : k - 1;  // top/left padding
+  const ptrdiff_t image = (ptrdiff_t)C * H * W;
+  const size_t gsize = (size_t)k * k * C * Cp;
+  const T* xp = x.data_ptr<T>();
+  const T* lp = lam.data_ptr<T>();
+  const int64_t tasks = std::min<int64_t>(B, std::max(1, at::get_num_threads()));
+  std::vector<Scratch<T>> partial;
+  partial.reserve(tasks);
+  for (int64_t t = 0; t < tasks; ++t) partial.emplace_back(gsize);
+  // A partial gradient per task (images split evenly), summed at the end in task order: the
+  // result does not depend on the thread schedule.
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    Scratch<T> lamT((size_t)H * W * Cp);
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t b = B * t / tasks; b < B * (t + 1) / tasks; ++b)
+        WG::image(xp + b * image, lp + b * image, lamT.ptr, partial[t].ptr, C, Cp, H, W, k, pt, pl);
+  });
+  T* dst = out.data_ptr<T>();  // (C_out, C_in, k, k)
+  for (int o = 0; o < C; ++o)
+    for (int c = 0; c < C; ++c)
+      for (int t = 0; t < k * k; ++t) {
+        T s = T(0);
+        for (int64_t p = 0; p < tasks; ++p) s += partial[p].ptr[((size_t)t * C + c) * Cp + o];
+        dst[((size_t)o * C + c) * k * k + t] = s;
+      }
+}
+
+// ∂/∂W of Σ lam · causal_conv2d(x, W, orientation): the convolution weight gradient of input x
+// and output gradient lam, shape (C, C, k, k).
+at::Tensor weight_grad(const at::Tensor& x_, const at::Tensor& lam_, int64_t k, int64_t orientation, int64_t isa) {
+  TORCH_CHECK(x_.device().is_cpu() && lam_.device().is_cpu(), "invconv_cpu.weight_grad: CPU tensors required");
+  TORCH_CHECK(x_.dim() == 4 && x_.sizes() == lam_.sizes(), "invconv_cpu.weight_grad: x and lam must be (B, C, H, W) "
+              "of the same shape; got ", x_.sizes(), " and ", lam_.sizes());
+  TORCH_CHECK(x_.scalar_type() == lam_.scalar_type() &&
+                  (x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kDouble),
+              "invconv_cpu.weight_grad: float32 or float64 tensors of one dtype required");
+  TORCH_CHECK(k >= 1 && orientation >= 0 && orientation < 4, "invconv_cpu.weight_grad: bad k or orientation");
+  const bool use_avx2 = resolve_isa(isa);
+  at::Tensor x = x_.contiguous(), lam = lam_.contiguous();
+  const int64_t C = x.size(1);
+  at::Tensor out = at::zeros({C, C, k, k}, x.options());
+  if (x.numel() == 0) return out;
+  const bool f32 = x.scalar_type() == at::kFloat;
+#if INVCONV_X86_DISPATCH
+  if (use_avx2) {
+    if (f32)
+      weight_grad_run<invconv_avx2::WeightGrad<invconv_avx2::OpsF32>>(x, lam, out, (int)k, (int)orientation);
+    else
+      weight_grad_run<invconv_avx2::WeightGrad<invconv_avx2::OpsF64>>(x, lam, out, (int)k, (int)orientation);
+    return out;
+  }
+#endif
+  if (f32)
+    weight_grad_run<invconv_generic::WeightGrad<invconv_generic::OpsF32>>(x, lam, out, (int)k, (int)orientation);
+  else
+    weight_grad_run<invconv_generic::WeightGrad<invconv_generic::OpsF64>>(x, lam, out, (int)k, (int)orientation);
+  return out;
+}
+
 std::string best_isa() { return cpu_has_avx2_fma() ? "avx2+fma" : "generic"; }
 
 }  // namespace
@@ -249,5 +314,6 @@ std::string best_isa() { return cpu_has_avx2_fma() ? "avx2+fma" : "generic"; }
 TORCH_LIBRARY(invconv_cpu, m) {
   m.def("solve(Tensor y, Tensor weight, int orientation, bool unit_diagonal, bool adjoint=False, int isa=0) -> Tensor",
         &solve);
+  m.def("weight_grad(Tensor x, Tensor lam, int k, int orientation, int isa=0) -> Tensor", &weight_grad);
   m.def("isa() -> str", &best_isa);
 }

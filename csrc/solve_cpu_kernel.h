@@ -10,7 +10,8 @@
 //
 //     x[i][j][o] = Σ_{da,db,c} wf[da][db][c][o] · plane[i-da][j-db][c]
 //
-// where `plane` holds the solved x everywhere except at (i, j) itself, where it still holds y.
+// where `plane` holds the solved x everywhere except at (i, j) itself, which reads y (in place,
+// from the NCHW input).
 //
 // Row i is computed in two phases:
 //   A. every tap with da >= 1 plus the centre (y): independent across the row's pixels, so it is
@@ -28,8 +29,10 @@ struct RowSolver {
   static constexpr int V = Ops::V;
 
   struct Tap {
-    const T* src;  // ring slot of the tap's row, at logical column -db (so src + j*Cp reads column j-db)
-    const T* w;    // wf[da][db][0][0]
+    const T* src;      // input of logical column 0 (channel 0) for this tap
+    ptrdiff_t pstep;   // to the next pixel of the row
+    ptrdiff_t cstep;   // to the next channel
+    const T* w;        // wf[da][db][0][0]
   };
 
   // acc[j][o0 .. o0+NV*V) for pixels j0 .. j0+P-1: phase A for one block.
@@ -39,13 +42,14 @@ struct RowSolver {
     for (int p = 0; p < P; ++p)
       for (int v = 0; v < NV; ++v) a[p][v] = Ops::zero();
     for (int t = 0; t < ntaps; ++t) {
-      const T* s = taps[t].src + (ptrdiff_t)j0 * Cp;
+      const ptrdiff_t ps = taps[t].pstep, cs = taps[t].cstep;
+      const T* s = taps[t].src + j0 * ps;
       const T* w = taps[t].w + o0;
-      for (int c = 0; c < C; ++c) {
+      for (int c = 0; c < C; ++c, s += cs) {
         vec wv[NV];
         for (int v = 0; v < NV; ++v) wv[v] = Ops::load(w + (ptrdiff_t)c * Cp + v * V);
         for (int p = 0; p < P; ++p) {
-          const vec b = Ops::bcast(s + (ptrdiff_t)p * Cp + c);
+          const vec b = Ops::bcast(s + p * ps);
           for (int v = 0; v < NV; ++v) a[p][v] = Ops::fmadd(wv[v], b, a[p][v]);
         }
       }
@@ -107,21 +111,16 @@ struct RowSolver {
       const int h = flip_h ? H - 1 - i : i;
       T* cur = ring + (ptrdiff_t)(i % k) * slot;
       T* curx = cur + (ptrdiff_t)(k - 1) * Cp;  // logical column 0 of the current row
-      // y of this row into the current slot, channels last.
-      for (int c = 0; c < C; ++c) {
-        const T* yr = y + chan[c] * plane + (ptrdiff_t)h * W;
-        if (flip_w)
-          for (int j = 0; j < W; ++j) curx[(ptrdiff_t)j * Cp + c] = yr[W - 1 - j];
-        else
-          for (int j = 0; j < W; ++j) curx[(ptrdiff_t)j * Cp + c] = yr[j];
-      }
-      // Phase A taps: the centre (reading y) and every tap of the rows above that exist.
+      // Phase A taps: the centre, reading y in place (NCHW, through the orientation's and the
+      // channel order's strides: no transposed copy), and every tap of the rows above that exist.
       int ntaps = 0;
-      taps[ntaps++] = Tap{curx, wf};
+      const T* y_row = y + chan[0] * plane + (ptrdiff_t)h * W + (flip_w ? W - 1 : 0);
+      const ptrdiff_t y_cstep = C > 1 ? (chan[1] - chan[0]) * plane : 0;
+      taps[ntaps++] = Tap{y_row, flip_w ? -1 : 1, y_cstep, wf};
       for (int da = 1; da < k && da <= i; ++da) {
         const T* row = ring + (ptrdiff_t)((i - da) % k) * slot;
         for (int db = 0; db < k; ++db)
-          taps[ntaps++] = Tap{row + (ptrdiff_t)(k - 1 - db) * Cp, wf + (ptrdiff_t)(da * k + db) * C * Cp};
+          taps[ntaps++] = Tap{row + (ptrdiff_t)(k - 1 - db) * Cp, Cp, 1, wf + (ptrdiff_t)(da * k + db) * C * Cp};
       }
       int o0 = 0;
       for (; o0 + 2 * V <= Cp; o0 += 2 * V) phase_a_chunk<2, 4>(taps, ntaps, C, Cp, o0, W, acc);
@@ -146,5 +145,67 @@ struct RowSolver {
           for (int j = 0; j < W; ++j) xr[j] = curx[(ptrdiff_t)j * Cp + c];
       }
     }
+  }
+};
+
+// The weight gradient of the backward: g[t][c][o] += Σ_{h,w} lam[o][h][w] · x[c][h+a-pt][w+b-pl]
+// for the physical tap t = (a, b) of an orientation with top/left padding (pt, pl), i.e. the
+// convolution weight gradient of input x (zero outside the image) and output gradient lam, for
+// one image. `lamT` is lam channels last ((H*W) × Cp, padded lanes zero), `g` is (k*k) × C × Cp.
+// Register-blocked as NV output vectors × CB input channels; one pass over the pixels per block.
+template <class Ops>
+struct WeightGrad {
+  using T = typename Ops::T;
+  using vec = typename Ops::vec;
+  static constexpr int V = Ops::V;
+
+  template <int NV, int CB>
+  static INVCONV_INLINE void block(const T* x, const T* lamT, T* g, int C, int Cp, int H, int W, int a, int b,
+                                   int pt, int pl, int c0, int o0) {
+    const int h0 = std::max(0, pt - a), h1 = std::min(H, H + pt - a);
+    const int w0 = std::max(0, pl - b), w1 = std::min(W, W + pl - b);
+    if (h0 >= h1 || w0 >= w1) return;
+    const ptrdiff_t plane = (ptrdiff_t)H * W;
+    vec acc[CB][NV];
+    for (int cc = 0; cc < CB; ++cc)
+      for (int v = 0; v < NV; ++v) acc[cc][v] = Ops::zero();
+    for (int h = h0; h < h1; ++h) {
+      const T* xr = x + (ptrdiff_t)c0 * plane + (ptrdiff_t)(h + a - pt) * W + (b - pl);
+      const T* lr = lamT + (ptrdiff_t)h * W * Cp + o0;
+      for (int w = w0; w < w1; ++w) {
+        vec l[NV];
+        for (int v = 0; v < NV; ++v) l[v] = Ops::load(lr + (ptrdiff_t)w * Cp + v * V);
+        for (int cc = 0; cc < CB; ++cc) {
+          const vec s = Ops::bcast(xr + cc * plane + w);
+          for (int v = 0; v < NV; ++v) acc[cc][v] = Ops::fmadd(s, l[v], acc[cc][v]);
+        }
+      }
+    }
+    for (int cc = 0; cc < CB; ++cc)
+      for (int v = 0; v < NV; ++v) {
+        T* dst = g + (ptrdiff_t)(c0 + cc) * Cp + o0 + v * V;
+        Ops::store(dst, Ops::add(Ops::load(dst), acc[cc][v]));
+      }
+  }
+
+  static void image(const T* x, const T* lam, T* lamT, T* g, int C, int Cp, int H, int W, int k, int pt, int pl) {
+    const ptrdiff_t plane = (ptrdiff_t)H * W;
+    for (int o = 0; o < C; ++o)
+      for (ptrdiff_t p = 0; p < plane; ++p) lamT[p * Cp + o] = lam[o * plane + p];
+    for (int a = 0; a < k; ++a)
+      for (int b = 0; b < k; ++b) {
+        T* gt = g + (ptrdiff_t)(a * k + b) * C * Cp;
+        int o0 = 0;
+        for (; o0 + 2 * V <= Cp; o0 += 2 * V) {
+          int c0 = 0;
+          for (; c0 + 6 <= C; c0 += 6) block<2, 6>(x, lamT, gt, C, Cp, H, W, a, b, pt, pl, c0, o0);
+          for (; c0 < C; ++c0) block<2, 1>(x, lamT, gt, C, Cp, H, W, a, b, pt, pl, c0, o0);
+        }
+        for (; o0 < Cp; o0 += V) {
+          int c0 = 0;
+          for (; c0 + 12 <= C; c0 += 12) block<1, 12>(x, lamT, gt, C, Cp, H, W, a, b, pt, pl, c0, o0);
+          for (; c0 < C; ++c0) block<1, 1>(x, lamT, gt, C, Cp, H, W, a, b, pt, pl, c0, o0);
+        }
+      }
   }
 };

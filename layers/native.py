@@ -89,12 +89,15 @@ class BuildStatus:
 
 @dataclasses.dataclass(frozen=True)
 class NativeKernels:
-    """The native solve and adjoint solve of one device type, with the solver signature of
-    :mod:`layers.causal`: ``(y, weight, orientation, unit_diagonal) -> x`` (no autograd)."""
+    """The native kernels of one device type. ``solve`` and ``adjoint`` have the solver signature
+    of :mod:`layers.causal`, ``(y, weight, orientation, unit_diagonal) -> x`` (no autograd);
+    ``weight_grad`` that of :func:`layers.causal.conv_weight_grad`, ``(x, grad_out, kernel_size,
+    orientation) -> dW``, or is ``None`` where the library routine (cuDNN) is used."""
 
     name: str
     solve: Callable[[torch.Tensor, torch.Tensor, str, bool], torch.Tensor]
     adjoint: Callable[[torch.Tensor, torch.Tensor, str, bool], torch.Tensor]
+    weight_grad: Callable[[torch.Tensor, torch.Tensor, int, str], torch.Tensor] | None = None
 
 
 _lock = threading.Lock()
@@ -250,6 +253,11 @@ def _cpu_adjoint(g, weight, orientation, unit_diagonal):
                                        _cpu_isa_code())
 
 
+def _cpu_weight_grad(x, grad_out, kernel_size, orientation):
+    return torch.ops.invconv_cpu.weight_grad(x, grad_out, kernel_size, ORIENTATION_CODES[orientation],
+                                             _cpu_isa_code())
+
+
 def _cuda_solve(y, weight, orientation, unit_diagonal):
     return torch.ops.invconv_cuda.solve(y, weight, ORIENTATION_CODES[orientation], unit_diagonal, False)
 
@@ -259,7 +267,7 @@ def _cuda_adjoint(g, weight, orientation, unit_diagonal):
 
 
 _KERNELS = {
-    "cpu": NativeKernels("native-cpu", _cpu_solve, _cpu_adjoint),
+    "cpu": NativeKernels("native-cpu", _cpu_solve, _cpu_adjoint, _cpu_weight_grad),
     "cuda": NativeKernels("native-cuda", _cuda_solve, _cuda_adjoint),
 }
 

@@ -102,6 +102,24 @@ def test_cpu_solve_larger_image_and_odd_layouts(cpu_kernels, isa):
     torch.testing.assert_close(_cpu(y, weight, "BL", False, False, isa), ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+@pytest.mark.parametrize("c", [1, 3, 12, 48])
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_cpu_weight_grad_matches_convolution_weight_grad(cpu_kernels, orientation, c, k):
+    """The native backward's weight gradient against oneDNN's, both SIMD paths, B in {1, 3}."""
+    for shape in [(1, c, 4, 9), (3, c, 6, 5)]:
+        x = torch.randn(shape, dtype=torch.float64)
+        lam = torch.randn(shape, dtype=torch.float64)
+        ref = causal.conv_weight_grad(x, lam, k, orientation)
+        for isa in _isas():
+            code = native._CPU_ISAS[isa]
+            got = torch.ops.invconv_cpu.weight_grad(x, lam, k, native.ORIENTATION_CODES[orientation], code)
+            torch.testing.assert_close(got, ref, rtol=1e-11, atol=1e-11)
+            got32 = torch.ops.invconv_cpu.weight_grad(x.float(), lam.float(), k, native.ORIENTATION_CODES[orientation],
+                                                      code)
+            torch.testing.assert_close(got32, ref.float(), rtol=1e-4, atol=1e-4)
+
+
 def test_cpu_solve_rejects_bad_arguments(cpu_kernels):
     w = random_causal_weight(3, 3, "TL", unit=True)
     y = torch.randn(1, 3, 4, 4, dtype=torch.float64)
@@ -128,6 +146,7 @@ def test_native_mode_dispatches_to_the_native_kernels(native_mode):
     assert causal.solver_for(y) is native_mode.solve
     assert causal.adjoint_solver_for(y) is native_mode.adjoint
     assert causal.solver_for(y.float()) is native_mode.solve
+    assert causal._implementation(y)[2] is native_mode.weight_grad is not None
 
 
 @pytest.mark.parametrize("unit", [True, False], ids=["unit", "general"])
