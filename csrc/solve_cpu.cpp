@@ -167,6 +167,16 @@ void fold_weights(const T* w, int C, int k, bool flip_h, bool flip_w, bool adjoi
     }
 }
 
+// Vector multiply-adds below which a parallel task is not worth waking another thread for
+// (about 10 µs of work): tiny solves (tests, small layers) then run on the calling thread, which
+// also keeps them clear of OpenMP barrier stalls on a loaded machine.
+constexpr int64_t kParallelGrainOps = 32768;
+
+int64_t grain_images(int C, int Cp, int H, int W, int k, int V) {
+  const int64_t per_image = std::max<int64_t>(1, (int64_t)H * W * k * k * C * (Cp / V));
+  return std::max<int64_t>(1, (kParallelGrainOps + per_image - 1) / per_image);
+}
+
 template <class Solver>
 void run_images(const at::Tensor& y, const at::Tensor& w, at::Tensor& x, int orientation, bool unit, bool adjoint) {
   using T = typename Solver::T;
@@ -182,8 +192,9 @@ void run_images(const at::Tensor& y, const at::Tensor& w, at::Tensor& x, int ori
   const T* yp = y.data_ptr<T>();
   T* xp = x.data_ptr<T>();
   const ptrdiff_t image = (ptrdiff_t)C * H * W;
-  // One image per task: the solve couples all channels of an image, and images are independent.
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  // Images are independent (the solve couples all channels of one image), so tasks are images;
+  // small problems stay on the calling thread (see kParallelGrainOps).
+  at::parallel_for(0, B, grain_images(C, Cp, H, W, k, Solver::V), [&](int64_t b0, int64_t b1) {
     Scratch<T> ring((size_t)k * (W + k - 1) * Cp);
     Scratch<T> acc((size_t)W * Cp);
     std::vector<typename Solver::Tap> taps((size_t)k * k + 1);
@@ -253,7 +264,8 @@ void weight_grad_run(const at::Tensor& x, const at::Tensor& lam, at::Tensor& out
   const size_t gsize = (size_t)k * k * C * Cp;
   const T* xp = x.data_ptr<T>();
   const T* lp = lam.data_ptr<T>();
-  const int64_t tasks = std::min<int64_t>(B, std::max(1, at::get_num_threads()));
+  const int64_t grain = grain_images(C, Cp, H, W, k, WG::V);
+  const int64_t tasks = std::min<int64_t>(std::max<int64_t>(1, B / grain), std::max(1, at::get_num_threads()));
   std::vector<Scratch<T>> partial;
   partial.reserve(tasks);
   for (int64_t t = 0; t < tasks; ++t) partial.emplace_back(gsize);

@@ -24,6 +24,13 @@
 #define __launch_bounds__(...)
 #define __shared__ static
 
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+struct alignas(16) double2 {
+  double x, y;
+};
+
 struct EmuDim3 {
   unsigned x = 1, y = 1, z = 1;
 };
