@@ -54,6 +54,7 @@ namespace {
 constexpr int kThreads = INVCONV_CUDA_THREADS;
 constexpr int kMaxRows = 32;     // strip height cap: pixels per diagonal ≈ lanes of a warp
 constexpr int kMaxSlices = 32;
+constexpr int kPrefetch = 8;     // column items a thread keeps in registers between fetch and commit
 
 struct Geometry {
   int B, C, H, W, k;
@@ -201,21 +202,45 @@ __global__ void __launch_bounds__(kThreads) solve_kernel(Geometry g, const T* __
     }
   }
 
-  // Load logical column j into the plane: the halo rows from the producer (already waited for),
-  // and in ring mode y of the strip's rows after evicting the column that held the slot.
-  auto load_column = [&](int j) {
-    const int rows_total = (k - 1) + Rs;
-    for (int i = tid; i < rows_total * C; i += blockDim.x) {
+  // Columns enter the plane one step ahead of use, software-pipelined: at step e the block
+  // commits column e+1 (fetched into registers during step e-1) and fetches column e+2, so the
+  // global-memory latency of those loads overlaps a step of arithmetic instead of adding to it.
+  // A column is its k-1 halo rows (from the producer strip, already waited for; zeros for the
+  // first strip) and, in ring mode, y of the strip's rows; committing into a ring slot first
+  // evicts the solved column that held it. Items past kPrefetch per thread are loaded at commit.
+  const bool moving_columns = has_producer || g.ring;
+  const int column_items = ((k - 1) + Rs) * C;
+  Acc pf[kPrefetch];
+  auto fetch_item = [&](int i, int j) -> Acc {
+    const int r = i / C - (k - 1), c = i % C;
+    if (r < 0) return has_producer ? static_cast<Acc>(__ldcg(x + gidx(g, b, c, row0 + r, j))) : Acc(0);
+    return g.ring ? static_cast<Acc>(y[gidx(g, b, c, row0 + r, j)]) : Acc(0);
+  };
+  auto fetch_column = [&](int j) {
+#pragma unroll
+    for (int m = 0; m < kPrefetch; ++m) {
+      const int i = tid + m * static_cast<int>(blockDim.x);
+      if (i < column_items) pf[m] = fetch_item(i, j);
+    }
+  };
+  auto commit_column = [&](int j) {
+    for (int i = tid, m = 0; i < column_items; i += blockDim.x, ++m) {
       const int r = i / C - (k - 1), c = i % C;
+      if (r < 0 && !has_producer) continue;
+      if (r >= 0 && !g.ring) continue;
       Acc* dst = at(r, j) + c;
-      if (r < 0) {
-        if (has_producer) *dst = static_cast<Acc>(__ldcg(x + gidx(g, b, c, row0 + r, j)));
-      } else if (g.ring) {
-        const int old = j - g.Wr;  // the column this slot held
-        if (old >= 0 && !(has_consumer && r >= publish_from))
-          x[gidx(g, b, c, row0 + r, old)] = static_cast<T>(*dst);
-        *dst = static_cast<Acc>(y[gidx(g, b, c, row0 + r, j)]);
+      const int old = j - g.Wr;  // the column this ring slot held
+      if (r >= 0 && old >= 0 && !(has_consumer && r >= publish_from))
+        x[gidx(g, b, c, row0 + r, old)] = static_cast<T>(*dst);
+      Acc v = Acc(0);
+      if (m < kPrefetch) {
+#pragma unroll
+        for (int q = 0; q < kPrefetch; ++q)  // constant register indices
+          if (q == m) v = pf[q];
+      } else {
+        v = fetch_item(i, j);
       }
+      *dst = v;
     }
   };
   auto wait_for_producer = [&](int columns) {  // thread 0 only
@@ -227,10 +252,14 @@ __global__ void __launch_bounds__(kThreads) solve_kernel(Geometry g, const T* __
 
   if (tid == 0) {
     s_have = 0;
-    if (has_producer) wait_for_producer(1);
+    if (has_producer) wait_for_producer(min(W, 2));
   }
   __syncthreads();
-  if (has_producer || g.ring) load_column(0);
+  if (moving_columns) {
+    fetch_column(0);
+    commit_column(0);
+    if (W > 1) fetch_column(1);
+  }
   __syncthreads();
 
   // ---- the anti-diagonals of the strip
@@ -238,8 +267,7 @@ __global__ void __launch_bounds__(kThreads) solve_kernel(Geometry g, const T* __
   for (int e = 0; e < steps; ++e) {
     const int r_lo = max(0, e - (W - 1)), r_hi = min(Rs - 1, e);
     const int n_e = r_hi - r_lo + 1;
-    const bool next_col = e + 1 < W;
-    if (tid == 0 && has_producer && next_col) wait_for_producer(e + 2);
+    if (tid == 0 && has_producer && e + 2 < W) wait_for_producer(e + 3);  // column e+2, fetched below
 
     // 1. partial sums over slices of the (tap, input channel) sum
     for (int job = tid; job < R * g.NS * g.n_ob; job += blockDim.x) {
@@ -295,7 +323,10 @@ __global__ void __launch_bounds__(kThreads) solve_kernel(Geometry g, const T* __
         published = true;
       }
     }
-    if (next_col && (has_producer || g.ring)) load_column(e + 1);
+    if (moving_columns && e + 1 < W) {
+      commit_column(e + 1);
+      if (e + 2 < W) fetch_column(e + 2);
+    }
     if (published) __threadfence();
     __syncthreads();
     if (tid == 0 && has_consumer && e >= Rs - 1) flag_store_release(my_flag, min(W, e - Rs + 2));
@@ -313,7 +344,7 @@ __global__ void __launch_bounds__(kThreads) solve_kernel(Geometry g, const T* __
       x[gidx(g, b, c, row0 + r, j)] = static_cast<T>(at(r, j)[c]);
     }
   } else {
-    const int first = max(0, W - g.Wr);  // columns below were evicted by load_column(Wr .. W-1)
+    const int first = max(0, W - g.Wr);  // columns below were evicted by commit_column(Wr .. W-1)
     const int64_t n = static_cast<int64_t>(C) * rows_out * (W - first);
     for (int64_t i = tid; i < n; i += blockDim.x) {
       const int j = first + static_cast<int>(i % (W - first));
@@ -324,11 +355,18 @@ __global__ void __launch_bounds__(kThreads) solve_kernel(Geometry g, const T* __
   }
 }
 
+// Dynamic shared memory a block may use on the current device (the opt-in limit, less room for
+// the kernel's static __shared__ variables), cached per device.
 int device_smem_limit() {
-  int dev = 0, optin = 0;
+  static int cached[64] = {0};
+  int dev = 0;
   cudaGetDevice(&dev);
+  if (dev >= 0 && dev < 64 && cached[dev] > 0) return cached[dev];
+  int optin = 0;
   if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess || optin <= 0)
     optin = 48 * 1024;
+  optin -= 256;
+  if (dev >= 0 && dev < 64) cached[dev] = optin;
   return optin;
 }
 

@@ -341,6 +341,9 @@ _EMULATED = [
     ((1, 12, 9, 30), 3, 3, True, None, {"strips": 3, "ring": 1}),
     ((1, 24, 20, 9), 3, 0, False, 20000, {"ring": 1, "weights_in_smem": 0}),
     ((2, 1, 4, 3), 1, 0, False, None, {"strips": 1}),
+    ((1, 48, 24, 9), 3, 4, True, None, {"strips": 6, "ring": 1, "n_ob": 3}),  # column > registers
+    ((1, 5, 7, 1), 3, 3, True, None, {"strips": 3}),
+    ((2, 5, 1, 7), 2, 0, False, None, {"strips": 1}),
 ]
 
 
