@@ -211,13 +211,14 @@ def measure_shape(shape: Shape, *, min_calls: int = 20, min_seconds: float = 0.5
     ops = make_ops(shape, include_reference)
     timer = _Timer(device)
     per_call = {}
-    for name, fn in ops.items():  # warm-up, and an estimate of the time per call
-        start, calls = time.perf_counter(), 0
-        while calls < WARMUP_CALLS or time.perf_counter() - start < WARMUP_SECONDS:
+    for name, fn in ops.items():  # warm-up, and an estimate of the time per call (median of the warm-up calls)
+        start, times = time.perf_counter(), []
+        while len(times) < WARMUP_CALLS or time.perf_counter() - start < WARMUP_SECONDS:
+            t0 = time.perf_counter()
             fn()
-            calls += 1
-        timer.sync()
-        per_call[name] = (time.perf_counter() - start) / calls
+            timer.sync()
+            times.append(time.perf_counter() - t0)
+        per_call[name] = statistics.median(times)
     blocks = {name: max(-(-min_calls // rounds), int(min_seconds / rounds / max(t, 1e-9)) + 1)
               for name, t in per_call.items()}
     samples: dict[str, list[float]] = {name: [] for name in ops}

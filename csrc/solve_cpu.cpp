@@ -19,6 +19,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -287,6 +288,103 @@ void weight_grad_run(const at::Tensor& x, const at::Tensor& lam, at::Tensor& out
       }
 }
 
+// The whole backward of the solve in one pass over the images: λ = T⁻ᵀ g by the adjoint solve,
+// then (need_w) the weight gradient of x and λ while the image's λ is still in cache, negated
+// (x = T⁻¹ y  ⇒  ∂L/∂W = −λ ⋆ x). One parallel region instead of two, no second pass over λ.
+template <class Solver, class WG>
+void backward_run(const at::Tensor& g, const at::Tensor& w, const at::Tensor& x, at::Tensor& lam, at::Tensor* gw,
+                  int orientation, bool unit) {
+  using T = typename Solver::T;
+  static_assert(Solver::V == WG::V, "one padded layout");
+  const int64_t B = g.size(0);
+  const int C = (int)g.size(1), H = (int)g.size(2), W = (int)g.size(3), k = (int)w.size(2);
+  const int Cp = (C + Solver::V - 1) / Solver::V * Solver::V;
+  const int eff = orientation ^ 3;  // the adjoint solve reads the opposite quadrant
+  const bool flip_h = eff & 2, flip_w = eff & 1;
+  const int pt = (orientation & 2) ? 0 : k - 1, pl = (orientation & 1) ? 0 : k - 1;  // forward padding
+  Scratch<T> wf((size_t)k * k * C * Cp);
+  fold_weights<T>(w.data_ptr<T>(), C, k, flip_h, flip_w, /*adjoint=*/true, unit, wf.ptr, Cp);
+  std::vector<int> chan(C);
+  for (int c = 0; c < C; ++c) chan[c] = C - 1 - c;
+  const T* gp = g.data_ptr<T>();
+  const T* xp = x.data_ptr<T>();
+  T* lp = lam.data_ptr<T>();
+  const ptrdiff_t image = (ptrdiff_t)C * H * W;
+  const size_t gsize = (size_t)k * k * C * Cp;
+  const int64_t grain = grain_images(C, Cp, H, W, k, Solver::V);
+  const int64_t tasks = std::min<int64_t>(std::max<int64_t>(1, B / grain), std::max(1, at::get_num_threads()));
+  std::vector<Scratch<T>> partial;
+  if (gw) {
+    partial.reserve(tasks);
+    for (int64_t t = 0; t < tasks; ++t) partial.emplace_back(gsize);
+  }
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    Scratch<T> ring((size_t)k * (W + k - 1) * Cp), acc((size_t)W * Cp);
+    std::unique_ptr<Scratch<T>> lamT(gw ? new Scratch<T>((size_t)H * W * Cp) : nullptr);
+    std::vector<typename Solver::Tap> taps((size_t)k * k + 1);
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t b = B * t / tasks; b < B * (t + 1) / tasks; ++b) {
+        Solver::solve_image(gp + b * image, lp + b * image, wf.ptr, chan.data(), C, Cp, H, W, k, flip_h, flip_w,
+                            ring.ptr, acc.ptr, taps.data());
+        if (gw) WG::image(xp + b * image, lp + b * image, lamT->ptr, partial[t].ptr, C, Cp, H, W, k, pt, pl);
+      }
+  });
+  if (!gw) return;
+  T* dst = gw->data_ptr<T>();  // (C_out, C_in, k, k)
+  for (int o = 0; o < C; ++o)
+    for (int c = 0; c < C; ++c)
+      for (int t = 0; t < k * k; ++t) {
+        T s = T(0);
+        for (int64_t p = 0; p < tasks; ++p) s += partial[p].ptr[((size_t)t * C + c) * Cp + o];
+        dst[((size_t)o * C + c) * k * k + t] = -s;
+      }
+}
+
+// The backward of solve(y, weight, orientation) at its output x for the output gradient grad:
+// (∂L/∂y, ∂L/∂weight), the second undefined (None) unless need_weight_grad.
+std::tuple<at::Tensor, at::Tensor> solve_backward(const at::Tensor& grad_, const at::Tensor& weight_,
+                                                  const at::Tensor& x_, int64_t orientation, bool unit_diagonal,
+                                                  bool need_weight_grad, int64_t isa) {
+  TORCH_CHECK(grad_.device().is_cpu() && weight_.device().is_cpu() && x_.device().is_cpu(),
+              "invconv_cpu.solve_backward: CPU tensors required");
+  TORCH_CHECK(grad_.dim() == 4 && grad_.sizes() == x_.sizes(), "invconv_cpu.solve_backward: grad and x must be "
+              "(B, C, H, W) of one shape; got ", grad_.sizes(), " and ", x_.sizes());
+  TORCH_CHECK(weight_.dim() == 4 && weight_.size(0) == grad_.size(1) && weight_.size(1) == grad_.size(1) &&
+                  weight_.size(2) == weight_.size(3) && weight_.size(2) >= 1,
+              "invconv_cpu.solve_backward: weight must be (C, C, k, k); got ", weight_.sizes());
+  TORCH_CHECK(grad_.scalar_type() == weight_.scalar_type() && grad_.scalar_type() == x_.scalar_type() &&
+                  (grad_.scalar_type() == at::kFloat || grad_.scalar_type() == at::kDouble),
+              "invconv_cpu.solve_backward: float32 or float64 tensors of one dtype required");
+  TORCH_CHECK(orientation >= 0 && orientation < 4, "invconv_cpu.solve_backward: orientation code must be 0..3");
+  const bool use_avx2 = resolve_isa(isa);
+  at::Tensor g = grad_.contiguous(), w = weight_.contiguous(), x = x_.contiguous();
+  at::Tensor lam = at::empty_like(g, at::MemoryFormat::Contiguous);
+  at::Tensor gw;
+  if (need_weight_grad) gw = at::zeros(w.sizes(), w.options());
+  if (g.numel() == 0) return {lam, gw};
+  at::Tensor* gwp = need_weight_grad ? &gw : nullptr;
+  const bool f32 = g.scalar_type() == at::kFloat;
+  const int o = (int)orientation;
+#if INVCONV_X86_DISPATCH
+  if (use_avx2) {
+    if (f32)
+      backward_run<invconv_avx2::RowSolver<invconv_avx2::OpsF32>, invconv_avx2::WeightGrad<invconv_avx2::OpsF32>>(
+          g, w, x, lam, gwp, o, unit_diagonal);
+    else
+      backward_run<invconv_avx2::RowSolver<invconv_avx2::OpsF64>, invconv_avx2::WeightGrad<invconv_avx2::OpsF64>>(
+          g, w, x, lam, gwp, o, unit_diagonal);
+    return {lam, gw};
+  }
+#endif
+  if (f32)
+    backward_run<invconv_generic::RowSolver<invconv_generic::OpsF32>,
+                 invconv_generic::WeightGrad<invconv_generic::OpsF32>>(g, w, x, lam, gwp, o, unit_diagonal);
+  else
+    backward_run<invconv_generic::RowSolver<invconv_generic::OpsF64>,
+                 invconv_generic::WeightGrad<invconv_generic::OpsF64>>(g, w, x, lam, gwp, o, unit_diagonal);
+  return {lam, gw};
+}
+
 // ∂/∂W of Σ lam · causal_conv2d(x, W, orientation): the convolution weight gradient of input x
 // and output gradient lam, shape (C, C, k, k).
 at::Tensor weight_grad(const at::Tensor& x_, const at::Tensor& lam_, int64_t k, int64_t orientation, int64_t isa) {
@@ -327,5 +425,9 @@ TORCH_LIBRARY(invconv_cpu, m) {
   m.def("solve(Tensor y, Tensor weight, int orientation, bool unit_diagonal, bool adjoint=False, int isa=0) -> Tensor",
         &solve);
   m.def("weight_grad(Tensor x, Tensor lam, int k, int orientation, int isa=0) -> Tensor", &weight_grad);
+  m.def(
+      "solve_backward(Tensor grad, Tensor weight, Tensor x, int orientation, bool unit_diagonal, "
+      "bool need_weight_grad, int isa=0) -> (Tensor, Tensor)",
+      &solve_backward);
   m.def("isa() -> str", &best_isa);
 }

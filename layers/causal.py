@@ -21,7 +21,8 @@ pure-PyTorch reference in this file (one gather and two matmuls per anti-diagona
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -225,12 +226,15 @@ class _CausalSolve(torch.autograd.Function):
         need_y, need_w = ctx.needs_input_grad[:2]
         if not (need_y or need_w):
             return None, None, None, None
-        lam = adjoint_solve(grad_x.contiguous(), weight, ctx.orientation, unit_diagonal=ctx.unit_diagonal)
-        # x = T⁻¹ y  =>  dL/dT = -λ xᵀ, i.e. the convolution weight gradient of input x and output grad -λ
-        # (negated on the small weight gradient rather than on λ).
-        grad_w = None
-        if need_w:
-            grad_w = _implementation(x)[2](x, lam, weight.shape[-1], ctx.orientation).neg_()
+        impl = _implementation(x)
+        grad_x = grad_x.contiguous()
+        if impl.backward is not None:  # adjoint solve + weight gradient in one native pass
+            lam, grad_w = impl.backward(grad_x, weight, x, ctx.orientation, ctx.unit_diagonal, need_w)
+        else:
+            lam = impl.adjoint(grad_x, weight, ctx.orientation, ctx.unit_diagonal)
+            # x = T⁻¹ y  =>  dL/dT = -λ xᵀ, the convolution weight gradient of input x and output grad -λ
+            # (negated on the small weight gradient rather than on λ).
+            grad_w = impl.weight_grad(x, lam, weight.shape[-1], ctx.orientation).neg_() if need_w else None
         return (lam if need_y else None), grad_w, None, None
 
 
@@ -238,14 +242,22 @@ def _solve_impl(y: torch.Tensor, weight: torch.Tensor, orientation: str, unit_di
     return solver_for(y)(y, weight, orientation, unit_diagonal)
 
 
-def _implementation(t: torch.Tensor) -> tuple:
-    """``(solve, adjoint, weight_grad)`` for tensors like ``t`` (see :func:`solver_for`)."""
+class _Implementation(NamedTuple):
+    solve: Callable
+    adjoint: Callable
+    weight_grad: Callable
+    backward: Callable | None  # adjoint + weight gradient in one call, where the backend has it
+
+
+def _implementation(t: torch.Tensor) -> _Implementation:
+    """The kernels for tensors like ``t`` (see :func:`solver_for`)."""
     mode = native.requested_mode()
     if mode != "torch":
         kernels = native.kernels_for(t.device, t.dtype, required=(mode == "native"))
         if kernels is not None:
-            return kernels.solve, kernels.adjoint, kernels.weight_grad or conv_weight_grad
-    return solve_reference, adjoint_reference, conv_weight_grad
+            return _Implementation(kernels.solve, kernels.adjoint, kernels.weight_grad or conv_weight_grad,
+                                   kernels.backward)
+    return _Implementation(solve_reference, adjoint_reference, conv_weight_grad, None)
 
 
 def solver_for(y: torch.Tensor):
@@ -258,13 +270,13 @@ def solver_for(y: torch.Tensor):
     compiles it (see :mod:`layers.native`). :func:`layers.native.solver_status` says which one
     is used and why.
     """
-    return _implementation(y)[0]
+    return _implementation(y).solve
 
 
 def adjoint_solver_for(g: torch.Tensor):
     """The ``T⁻ᵀ g`` implementation for tensors like ``g`` (same signature and choice as
     :func:`solver_for`)."""
-    return _implementation(g)[1]
+    return _implementation(g).adjoint
 
 
 # ----------------------------------------------------------------------------------------------

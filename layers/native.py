@@ -98,6 +98,9 @@ class NativeKernels:
     solve: Callable[[torch.Tensor, torch.Tensor, str, bool], torch.Tensor]
     adjoint: Callable[[torch.Tensor, torch.Tensor, str, bool], torch.Tensor]
     weight_grad: Callable[[torch.Tensor, torch.Tensor, int, str], torch.Tensor] | None = None
+    #: ``(grad, weight, x, orientation, unit_diagonal, need_weight_grad) -> (λ, ∂L/∂W or None)``: the
+    #: whole backward of the solve in one call, where the backend has it.
+    backward: Callable | None = None
 
 
 _lock = threading.Lock()
@@ -258,6 +261,11 @@ def _cpu_weight_grad(x, grad_out, kernel_size, orientation):
                                              _cpu_isa_code())
 
 
+def _cpu_backward(grad, weight, x, orientation, unit_diagonal, need_weight_grad):
+    return torch.ops.invconv_cpu.solve_backward(grad, weight, x, ORIENTATION_CODES[orientation], unit_diagonal,
+                                                need_weight_grad, _cpu_isa_code())
+
+
 def _cuda_solve(y, weight, orientation, unit_diagonal):
     return torch.ops.invconv_cuda.solve(y, weight, ORIENTATION_CODES[orientation], unit_diagonal, False)
 
@@ -267,7 +275,7 @@ def _cuda_adjoint(g, weight, orientation, unit_diagonal):
 
 
 _KERNELS = {
-    "cpu": NativeKernels("native-cpu", _cpu_solve, _cpu_adjoint, _cpu_weight_grad),
+    "cpu": NativeKernels("native-cpu", _cpu_solve, _cpu_adjoint, _cpu_weight_grad, _cpu_backward),
     "cuda": NativeKernels("native-cuda", _cuda_solve, _cuda_adjoint),
 }
 

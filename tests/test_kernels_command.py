@@ -1,6 +1,7 @@
 """``python -m bench kernels``: measurement records and the rendered table."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -27,7 +28,8 @@ def test_kernels_command_smoke(tmp_path):
     out = tmp_path / "k.json"
     cmd = [sys.executable, "-m", "bench", "kernels", "-B", "1,2", "-C", "4", "-H", "6", "-W", "5", "-k", "2",
            "--threads", "1", "--min-calls", "3", "--min-time", "0.01", "--rounds", "1", "--out", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    env = dict(os.environ, INVCONV_SOLVER="auto")  # the record reports the solver choice of the environment
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     assert res.returncode == 0, res.stderr
     record = json.loads(out.read_text())
     assert [r["shape"]["batch"] for r in record["results"]] == [1, 2]

@@ -120,6 +120,26 @@ def test_cpu_weight_grad_matches_convolution_weight_grad(cpu_kernels, orientatio
             torch.testing.assert_close(got32, ref.float(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_cpu_fused_backward_matches_adjoint_and_weight_grad(cpu_kernels, orientation):
+    """solve_backward (adjoint solve + weight gradient in one pass) against the reference pieces."""
+    weight = random_causal_weight(5, 3, orientation, unit=False)
+    x = torch.randn(3, 5, 6, 7, dtype=torch.float64)
+    g = torch.randn_like(x)
+    lam_ref = adjoint_reference(g, weight, orientation, False)
+    gw_ref = -causal.conv_weight_grad(x, lam_ref, 3, orientation)
+    for isa in _isas():
+        code = native._CPU_ISAS[isa]
+        lam, gw = torch.ops.invconv_cpu.solve_backward(g, weight, x, native.ORIENTATION_CODES[orientation], False, True,
+                                                       code)
+        torch.testing.assert_close(lam, lam_ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(gw, gw_ref, rtol=1e-10, atol=1e-10)
+        lam, gw = torch.ops.invconv_cpu.solve_backward(g, weight, x, native.ORIENTATION_CODES[orientation], False,
+                                                       False, code)
+        torch.testing.assert_close(lam, lam_ref, rtol=1e-10, atol=1e-10)
+        assert gw is None
+
+
 def test_cpu_solve_rejects_bad_arguments(cpu_kernels):
     w = random_causal_weight(3, 3, "TL", unit=True)
     y = torch.randn(1, 3, 4, 4, dtype=torch.float64)
@@ -146,7 +166,8 @@ def test_native_mode_dispatches_to_the_native_kernels(native_mode):
     assert causal.solver_for(y) is native_mode.solve
     assert causal.adjoint_solver_for(y) is native_mode.adjoint
     assert causal.solver_for(y.float()) is native_mode.solve
-    assert causal._implementation(y)[2] is native_mode.weight_grad is not None
+    assert causal._implementation(y).weight_grad is native_mode.weight_grad is not None
+    assert causal._implementation(y).backward is native_mode.backward is not None
 
 
 @pytest.mark.parametrize("unit", [True, False], ids=["unit", "general"])
