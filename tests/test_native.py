@@ -272,6 +272,26 @@ def test_solver_env_native_errors_with_the_reason_when_unavailable(monkeypatch, 
     assert status["solver"] == "error" and "simulated compiler error" in status["reason"]
 
 
+@pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler on PATH")
+def test_a_real_build_failure_reports_the_compiler_output(monkeypatch, tmp_path, capfd):
+    """A broken source (here: a missing header, which stops the compiler at once) makes
+    INVCONV_SOLVER=native fail with the compiler's own message, and `auto` fall back."""
+    csrc = tmp_path / "csrc"
+    shutil.copytree(ROOT / "csrc", csrc)
+    source = csrc / "solve_cpu.cpp"
+    source.write_text('#include "invconv_missing_header.h"\n' + source.read_text())
+    monkeypatch.setattr(native, "CSRC", csrc)
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delitem(native._status, "cpu", raising=False)
+    monkeypatch.setenv(native.SOLVER_ENV, "native")
+    y = torch.randn(1, 2, 3, 3, dtype=torch.float64)
+    with pytest.raises(native.NativeUnavailableError, match="invconv_missing_header.h"):
+        causal.solver_for(y)
+    assert "compiling the native CPU solver" in capfd.readouterr().err
+    monkeypatch.setenv(native.SOLVER_ENV, "auto")
+    assert causal.solver_for(y) is solve_reference
+
+
 def test_solver_env_auto_falls_back_with_the_reason(monkeypatch, cpu_unavailable):
     monkeypatch.setenv(native.SOLVER_ENV, "auto")
     w = random_causal_weight(2, 2, "TL", unit=True)
