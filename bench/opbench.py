@@ -252,7 +252,8 @@ def environment(device: str) -> dict:
 
     env = {
         "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join(sys.argv),
+        "command": ("python -m bench " + " ".join(sys.argv[1:])) if sys.argv[0].endswith("__main__.py")
+                   else " ".join(sys.argv),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
