@@ -23,6 +23,7 @@ COMMANDS = {
     "ab": "ab",
     "baseline": "baseline",
     "export": "export",
+    "kernels": "kernels",
 }
 
 

@@ -1,0 +1,285 @@
+"""Op-level timing of the causal-convolution solve against ``F.conv2d`` of the same shape.
+
+Measures only; :mod:`bench.commands.kernels` renders. Everything for one shape is timed in one
+process, interleaved op by op in rounds, so the ratios (solve ÷ conv2d, reference ÷ native) are
+comparable across machines even where absolute times drift (BENCHMARKING.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from layers import native
+from layers.causal import assemble_weight, causal_padding, solve
+
+#: Warm-up before timing: at least this many calls and this many seconds per op, so that native
+#: loading, allocator growth, cuDNN autotuning and CPU frequency ramp-up stay out of the samples.
+WARMUP_CALLS = 3
+WARMUP_SECONDS = 0.2
+
+#: Ops measured for each shape (name -> what it is). ``native`` and ``torch`` are the solvers of
+#: :func:`layers.causal.solve` under ``INVCONV_SOLVER``.
+OPS = {
+    "native solve": "solve (INVCONV_SOLVER=native), no grad",
+    "native solve+backward": "solve then backward to y and the weight (adjoint solve + weight-gradient conv)",
+    "torch solve": "solve (INVCONV_SOLVER=torch, the per-anti-diagonal PyTorch reference), no grad",
+    "torch solve+backward": "the reference's solve then backward",
+    "conv2d": "F.conv2d of the same shape (input pre-padded), no grad",
+    "conv2d+wgrad": "F.conv2d forward then backward to the weight",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    device: str
+    dtype: str
+    batch: int
+    channels: int
+    height: int
+    width: int
+    kernel_size: int
+    orientation: str
+
+    def label(self) -> str:
+        return (f"B={self.batch} C={self.channels} {self.height}×{self.width} k={self.kernel_size} "
+                f"{self.orientation} {self.dtype} {self.device}")
+
+
+@dataclasses.dataclass
+class Measurement:
+    """Raw per-call times of one op (seconds); statistics on demand."""
+
+    op: str
+    samples: list[float]
+
+    def quantile(self, q: float) -> float:
+        s = sorted(self.samples)
+        pos = q * (len(s) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(s) - 1)
+        return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+    @property
+    def median(self) -> float:
+        return self.quantile(0.5)
+
+    @property
+    def p20(self) -> float:
+        return self.quantile(0.2)
+
+    @property
+    def p80(self) -> float:
+        return self.quantile(0.8)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.samples)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.samples) if len(self.samples) > 1 else 0.0
+
+    def as_dict(self) -> dict:
+        return {"op": self.op, "median_s": self.median, "p20_s": self.p20, "p80_s": self.p80, "mean_s": self.mean,
+                "std_s": self.std, "n": len(self.samples), "samples_s": self.samples}
+
+
+@dataclasses.dataclass
+class ShapeResult:
+    shape: Shape
+    measurements: dict[str, Measurement]
+
+    def ratio(self, num: str, den: str) -> float | None:
+        if num in self.measurements and den in self.measurements:
+            return self.measurements[num].median / self.measurements[den].median
+        return None
+
+    def ratios(self) -> dict[str, float | None]:
+        """The ratios of the issue's speed goals (medians)."""
+        return {
+            "solve / conv2d": self.ratio("native solve", "conv2d"),
+            "solve+backward / conv2d": self.ratio("native solve+backward", "conv2d"),
+            "solve+backward / conv2d+wgrad": self.ratio("native solve+backward", "conv2d+wgrad"),
+            "torch solve / native solve": self.ratio("torch solve", "native solve"),
+            "torch solve+backward / native solve+backward": self.ratio("torch solve+backward", "native solve+backward"),
+        }
+
+    def as_dict(self) -> dict:
+        return {"shape": dataclasses.asdict(self.shape), "ratios": self.ratios(),
+                "measurements": {k: m.as_dict() for k, m in self.measurements.items()}}
+
+
+class _Timer:
+    """Per-call wall time: CUDA events on a GPU (recorded around each call, read after one final
+    synchronisation), ``time.perf_counter`` on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def time_calls(self, fn: Callable[[], object], calls: int) -> list[float]:
+        if self.cuda:
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(calls)]
+            for start, end in events:
+                start.record()
+                fn()
+                end.record()
+            torch.cuda.synchronize()
+            return [start.elapsed_time(end) / 1e3 for start, end in events]
+        out = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+        return out
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def _with_solver(mode: str, fn: Callable[[], object]) -> Callable[[], object]:
+    def call():
+        old = os.environ.get(native.SOLVER_ENV)
+        os.environ[native.SOLVER_ENV] = mode
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ[native.SOLVER_ENV]
+            else:
+                os.environ[native.SOLVER_ENV] = old
+    return call
+
+
+def make_ops(shape: Shape, include_reference: bool = True) -> dict[str, Callable[[], object]]:
+    """The callables to time for ``shape`` (inputs built once, outside the timed region)."""
+    device, dtype = torch.device(shape.device), getattr(torch, shape.dtype)
+    c, k, o = shape.channels, shape.kernel_size, shape.orientation
+    gen = torch.Generator().manual_seed(0)
+    off = torch.randn(c, c, k * k - 1, generator=gen, dtype=dtype) * 0.05
+    lower = torch.randn(c * (c - 1) // 2, generator=gen, dtype=dtype) * 0.05
+    weight = assemble_weight(off, lower, orientation=o).to(device)
+    y = torch.randn(shape.batch, c, shape.height, shape.width, generator=gen, dtype=dtype).to(device)
+    grad = torch.randn(y.shape, generator=gen, dtype=dtype).to(device)
+    y_req = y.clone().requires_grad_()
+    w_req = weight.clone().requires_grad_()
+    y_pad = F.pad(y, causal_padding(k, o)) if k > 1 else y
+
+    def solve_fwd():
+        with torch.no_grad():
+            return solve(y, weight, o, unit_diagonal=True, assume_triangular=True)
+
+    def solve_fwd_bwd():
+        x = solve(y_req, w_req, o, unit_diagonal=True, assume_triangular=True)
+        return torch.autograd.grad(x, (y_req, w_req), grad)
+
+    def conv_fwd():
+        with torch.no_grad():
+            return F.conv2d(y_pad, weight)
+
+    def conv_fwd_wgrad():
+        out = F.conv2d(y_pad, w_req)
+        return torch.autograd.grad(out, (w_req,), grad)
+
+    ops = {"native solve": _with_solver("native", solve_fwd),
+           "native solve+backward": _with_solver("native", solve_fwd_bwd)}
+    if include_reference:
+        ops["torch solve"] = _with_solver("torch", solve_fwd)
+        ops["torch solve+backward"] = _with_solver("torch", solve_fwd_bwd)
+    ops["conv2d"] = conv_fwd
+    ops["conv2d+wgrad"] = conv_fwd_wgrad
+    return ops
+
+
+def measure_shape(shape: Shape, *, min_calls: int = 20, min_seconds: float = 0.5, rounds: int = 5,
+                  include_reference: bool = True) -> ShapeResult:
+    """Times every op of :func:`make_ops` after warm-up, interleaved in ``rounds`` rounds (each op
+    runs a block of calls per round) until each op has ``min_calls`` calls and ``min_seconds``.
+
+    Raises :class:`layers.native.NativeUnavailableError` when the native solver cannot be used.
+    """
+    device = torch.device(shape.device)
+    native.kernels_for(device, getattr(torch, shape.dtype), required=True)
+    ops = make_ops(shape, include_reference)
+    timer = _Timer(device)
+    per_call = {}
+    for name, fn in ops.items():  # warm-up, and an estimate of the time per call (median of the warm-up calls)
+        start, times = time.perf_counter(), []
+        while len(times) < WARMUP_CALLS or time.perf_counter() - start < WARMUP_SECONDS:
+            t0 = time.perf_counter()
+            fn()
+            timer.sync()
+            times.append(time.perf_counter() - t0)
+        per_call[name] = statistics.median(times)
+    blocks = {name: max(-(-min_calls // rounds), int(min_seconds / rounds / max(t, 1e-9)) + 1)
+              for name, t in per_call.items()}
+    samples: dict[str, list[float]] = {name: [] for name in ops}
+    for _ in range(rounds):
+        for name, fn in ops.items():
+            samples[name].extend(timer.time_calls(fn, blocks[name]))
+    return ShapeResult(shape, {name: Measurement(name, s) for name, s in samples.items()})
+
+
+def environment(device: str) -> dict:
+    """What the numbers depend on: versions, hardware, threads, the solver choice, the commit."""
+    import platform
+    import subprocess
+    import sys
+
+    def cpu_model() -> str:
+        try:
+            for line in open("/proc/cpuinfo"):
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return platform.processor() or platform.machine()
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                                  cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    env = {
+        "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": ("python -m bench " + " ".join(sys.argv[1:])) if sys.argv[0].endswith("__main__.py")
+                   else " ".join(sys.argv),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "git_commit": git("rev-parse", "--short", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "solver": native.solver_status(),
+    }
+    if device == "cpu":
+        status = native.load("cpu")
+        env["cpu_isa"] = native.cpu_isa() if status.available else None
+    if device == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        env["gpu"] = props.name
+        env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        env["gpu_sm_count"] = props.multi_processor_count
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            env["gpu_driver"] = pynvml.nvmlSystemGetDriverVersion()
+        except Exception as exc:  # NVML is a cross-check only
+            env["gpu_driver"] = f"unknown ({type(exc).__name__})"
+    env["native_first_use_s"] = {d: s.seconds for d, s in native._status.items() if s.available}
+    env["native_compiled_in_this_process"] = {d: s.compiled for d, s in native._status.items() if s.available}
+    return env

@@ -1,0 +1,344 @@
+"""Native (C++ and CUDA) solvers of the causal convolution, compiled on first use.
+
+The sources live in ``csrc/``. Nothing is built at import time: the first solve that wants a
+native kernel (or an explicit :func:`load`) compiles it with ``torch.utils.cpp_extension`` and
+ninja into a cache folder, printing one line to stderr before and one after (the first use costs
+about a minute on two cores; later processes load the cached library in well under a second).
+Why a backend is unavailable (no compiler, no ninja, the compiler's error text, a CPU-only torch,
+no GPU) is recorded and reported, never swallowed.
+
+Which solver a tensor gets is decided by :func:`kernels_for`, used by
+:func:`layers.causal.solver_for`, under the environment variable ``INVCONV_SOLVER``:
+
+- ``auto`` (default): the native kernel for the tensor's device when it builds, else PyTorch;
+- ``torch``: always the pure-PyTorch reference;
+- ``native``: the native kernel, or :class:`NativeUnavailableError` with the reason.
+
+:func:`solver_status` / :func:`describe` report, per device type, which solver is used and why
+(``python -m bench kernels`` prints it; the runner's environment record should store it).
+
+Environment:
+    INVCONV_SOLVER: ``auto`` | ``torch`` | ``native``.
+    INVCONV_CPU_ISA: ``auto`` | ``avx2`` | ``generic`` — the CPU kernel's SIMD path (for testing
+        the portable fallback; ``auto`` takes AVX2+FMA where the CPU has it).
+    INVCONV_NATIVE_CACHE: build folder (default ``<repo>/.cache/native``, or
+        ``~/.cache/invconv-bench/native`` when the repository is not writable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "CPU_ISA_ENV",
+    "SOLVER_ENV",
+    "SOLVER_MODES",
+    "BuildStatus",
+    "NativeKernels",
+    "NativeUnavailableError",
+    "cpu_isa",
+    "describe",
+    "kernels_for",
+    "load",
+    "requested_mode",
+    "solver_status",
+]
+
+SOLVER_ENV = "INVCONV_SOLVER"
+SOLVER_MODES = ("auto", "torch", "native")
+CPU_ISA_ENV = "INVCONV_CPU_ISA"
+_CPU_ISAS = {"auto": 0, "generic": 1, "avx2": 2}
+CACHE_ENV = "INVCONV_NATIVE_CACHE"
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_CPU_SOURCES = ("solve_cpu.cpp",)
+_CPU_DEPENDS = ("solve_cpu_kernel.h",)
+_CUDA_SOURCES = ("solve_cuda.cu", "solve_cuda_binding.cpp")
+_CUDA_DEPENDS = ("solve_cuda.h",)
+_CPU_FLAGS = ["-O3", "-fopenmp", "-Wno-psabi"]  # OpenMP: at::parallel_for is header code (torch's libgomp is reused)
+_CUDA_FLAGS = ["-O3", "-lineinfo"]  # the C++ standard is left to cpp_extension
+
+ORIENTATION_CODES = {"TL": 0, "TR": 1, "BL": 2, "BR": 3}
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+class NativeUnavailableError(RuntimeError):
+    """``INVCONV_SOLVER=native`` was requested but the native kernel cannot be used (with why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildStatus:
+    """Outcome of building (or loading) one native backend."""
+
+    available: bool
+    reason: str  # what was built and how, or why not
+    seconds: float | None = None  # build/load time of this process's first use
+    compiled: bool = False  # True when this process compiled it (not a cache hit)
+    path: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class NativeKernels:
+    """The native kernels of one device type. ``solve`` and ``adjoint`` have the solver signature
+    of :mod:`layers.causal`, ``(y, weight, orientation, unit_diagonal) -> x`` (no autograd);
+    ``weight_grad`` that of :func:`layers.causal.conv_weight_grad`, ``(x, grad_out, kernel_size,
+    orientation) -> dW``, or is ``None`` where the library routine (cuDNN) is used."""
+
+    name: str
+    solve: Callable[[torch.Tensor, torch.Tensor, str, bool], torch.Tensor]
+    adjoint: Callable[[torch.Tensor, torch.Tensor, str, bool], torch.Tensor]
+    weight_grad: Callable[[torch.Tensor, torch.Tensor, int, str], torch.Tensor] | None = None
+    #: ``(grad, weight, x, orientation, unit_diagonal, need_weight_grad) -> (λ, ∂L/∂W or None)``: the
+    #: whole backward of the solve in one call, where the backend has it.
+    backward: Callable | None = None
+
+
+_lock = threading.Lock()
+_status: dict[str, BuildStatus] = {}
+
+
+def requested_mode() -> str:
+    """The value of ``INVCONV_SOLVER`` (default ``auto``); a clear error for anything else."""
+    mode = os.environ.get(SOLVER_ENV, "auto").strip().lower() or "auto"
+    if mode not in SOLVER_MODES:
+        raise ValueError(f"{SOLVER_ENV}={os.environ.get(SOLVER_ENV)!r} is not valid; accepted values: "
+                         f"{', '.join(SOLVER_MODES)}")
+    return mode
+
+
+def _cpu_isa_code() -> int:
+    isa = os.environ.get(CPU_ISA_ENV, "auto").strip().lower() or "auto"
+    if isa not in _CPU_ISAS:
+        raise ValueError(f"{CPU_ISA_ENV}={isa!r} is not valid; accepted values: {', '.join(_CPU_ISAS)}")
+    return _CPU_ISAS[isa]
+
+
+# ----------------------------------------------------------------------------------------------
+# Building
+
+
+def _cache_root() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    repo_cache = CSRC.parent / ".cache" / "native"
+    try:
+        repo_cache.mkdir(parents=True, exist_ok=True)
+        if os.access(repo_cache, os.W_OK):
+            return repo_cache
+    except OSError:
+        pass
+    return Path.home() / ".cache" / "invconv-bench" / "native"
+
+
+def _build_dir(name: str, files: tuple[str, ...], flags: list[str]) -> Path:
+    """A folder keyed by the sources, the flags, torch and Python, so a stale build is never loaded."""
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.encode())
+        digest.update((CSRC / f).read_bytes())
+    digest.update(" ".join(flags).encode())
+    digest.update(f"{torch.__version__}|{torch.version.cuda}|{sys.version_info[:2]}".encode())
+    return _cache_root() / f"{name}-{digest.hexdigest()[:16]}"
+
+
+def _compile(name: str, label: str, sources: tuple[str, ...], depends: tuple[str, ...], **kwargs) -> BuildStatus:
+    from torch.utils import cpp_extension
+
+    flags = kwargs.get("extra_cflags", []) + kwargs.get("extra_cuda_cflags", [])
+    build_dir = _build_dir(name, sources + depends, flags)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    library = build_dir / f"{name}.so"
+    cached = library.exists()
+    if not cached:
+        print(f"invconv: compiling the native {label} solver (first use; cached in {build_dir}) ...",
+              file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    try:
+        path = cpp_extension.load(name=name, sources=[str(CSRC / s) for s in sources], build_directory=str(build_dir),
+                                  is_python_module=False, verbose=False, **kwargs)
+    except Exception as exc:  # the compiler's output is in the message
+        seconds = time.perf_counter() - start
+        if not cached:
+            print(f"invconv: building the native {label} solver failed after {seconds:.1f} s; using PyTorch "
+                  f"unless {SOLVER_ENV}=native", file=sys.stderr, flush=True)
+        text = str(exc).strip()
+        if len(text) > 4000:
+            text = "...\n" + text[-4000:]
+        return BuildStatus(False, f"build failed: {type(exc).__name__}: {text}", seconds, not cached)
+    seconds = time.perf_counter() - start
+    if not cached:
+        print(f"invconv: native {label} solver compiled in {seconds:.1f} s", file=sys.stderr, flush=True)
+    return BuildStatus(True, "", seconds, not cached, str(path))
+
+
+def _build_cpu() -> BuildStatus:
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        return BuildStatus(False, "ninja is not installed (pip install ninja)")
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return BuildStatus(False, f"no C++ compiler: {compiler!r} is not on PATH (set CXX)")
+    status = _compile("invconv_cpu", "CPU", _CPU_SOURCES, _CPU_DEPENDS, extra_cflags=list(_CPU_FLAGS),
+                      extra_ldflags=["-fopenmp"])
+    if not status.available:
+        return status
+    isa = torch.ops.invconv_cpu.isa()
+    how = "compiled" if status.compiled else "loaded from cache"
+    return dataclasses.replace(status, reason=f"C++ kernel, {isa} ({how} in {status.seconds:.1f} s)")
+
+
+def _build_cuda() -> BuildStatus:
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None:
+        return BuildStatus(False, f"this torch build ({torch.__version__}) has no CUDA support")
+    if not torch.cuda.is_available():
+        return BuildStatus(False, "no CUDA device is visible")
+    if cpp_extension.CUDA_HOME is None:
+        return BuildStatus(False, "the CUDA toolkit (nvcc) was not found: set CUDA_HOME")
+    if not cpp_extension.is_ninja_available():
+        return BuildStatus(False, "ninja is not installed (pip install ninja)")
+    status = _compile("invconv_cuda", "CUDA", _CUDA_SOURCES, _CUDA_DEPENDS, extra_cflags=["-O3"],
+                      extra_cuda_cflags=list(_CUDA_FLAGS))
+    if not status.available:
+        return status
+    how = "compiled" if status.compiled else "loaded from cache"
+    name = torch.cuda.get_device_name()
+    return dataclasses.replace(status, reason=f"CUDA kernel on {name} ({how} in {status.seconds:.1f} s)")
+
+
+_BUILDERS = {"cpu": _build_cpu, "cuda": _build_cuda}
+
+
+def load(device_type: str = "cpu") -> BuildStatus:
+    """Build (first use) or load the native backend for ``device_type``; cached per process."""
+    if device_type not in _BUILDERS:
+        return BuildStatus(False, f"no native kernel for device type {device_type!r}")
+    status = _status.get(device_type)
+    if status is not None:
+        return status
+    with _lock:
+        if device_type not in _status:
+            _status[device_type] = _BUILDERS[device_type]()
+        return _status[device_type]
+
+
+def cpu_isa() -> str:
+    """SIMD path the CPU kernel takes here (``avx2+fma`` or ``generic``); builds on first use."""
+    status = load("cpu")
+    if not status.available:
+        raise NativeUnavailableError(f"native CPU solver unavailable: {status.reason}")
+    return "generic" if _cpu_isa_code() == 1 else torch.ops.invconv_cpu.isa()
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernels behind the solver signature of layers.causal
+
+
+def _cpu_solve(y, weight, orientation, unit_diagonal):
+    return torch.ops.invconv_cpu.solve(y, weight, ORIENTATION_CODES[orientation], unit_diagonal, False,
+                                       _cpu_isa_code())
+
+
+def _cpu_adjoint(g, weight, orientation, unit_diagonal):
+    return torch.ops.invconv_cpu.solve(g, weight, ORIENTATION_CODES[orientation], unit_diagonal, True,
+                                       _cpu_isa_code())
+
+
+def _cpu_weight_grad(x, grad_out, kernel_size, orientation):
+    return torch.ops.invconv_cpu.weight_grad(x, grad_out, kernel_size, ORIENTATION_CODES[orientation],
+                                             _cpu_isa_code())
+
+
+def _cpu_backward(grad, weight, x, orientation, unit_diagonal, need_weight_grad):
+    return torch.ops.invconv_cpu.solve_backward(grad, weight, x, ORIENTATION_CODES[orientation], unit_diagonal,
+                                                need_weight_grad, _cpu_isa_code())
+
+
+def _cuda_solve(y, weight, orientation, unit_diagonal):
+    return torch.ops.invconv_cuda.solve(y, weight, ORIENTATION_CODES[orientation], unit_diagonal, False)
+
+
+def _cuda_adjoint(g, weight, orientation, unit_diagonal):
+    return torch.ops.invconv_cuda.solve(g, weight, ORIENTATION_CODES[orientation], unit_diagonal, True)
+
+
+_KERNELS = {
+    "cpu": NativeKernels("native-cpu", _cpu_solve, _cpu_adjoint, _cpu_weight_grad, _cpu_backward),
+    "cuda": NativeKernels("native-cuda", _cuda_solve, _cuda_adjoint),
+}
+
+
+def kernels_for(device: torch.device | str, dtype: torch.dtype, *, required: bool = False) -> NativeKernels | None:
+    """The native kernels for tensors on ``device`` of ``dtype``, building them on first use.
+
+    Returns ``None`` when there are none (unsupported device or dtype, or the build failed), or
+    raises :class:`NativeUnavailableError` with the reason when ``required``.
+    """
+    device_type = torch.device(device).type
+    if dtype not in SUPPORTED_DTYPES:
+        if required:
+            raise NativeUnavailableError(f"{SOLVER_ENV}=native: the native solver supports float32 and float64, "
+                                         f"not {dtype}")
+        return None
+    status = load(device_type)
+    if not status.available:
+        if required:
+            raise NativeUnavailableError(f"{SOLVER_ENV}=native but the native {device_type} solver is unavailable: "
+                                         f"{status.reason}")
+        return None
+    return _KERNELS[device_type]
+
+
+def solver_status(build: bool = True) -> dict[str, dict[str, str]]:
+    """Per device type (``cpu``, ``cuda``): which solver :func:`layers.causal.solver_for` uses, and why.
+
+    Arguments:
+        build: build (or load) the native backends to find out; with ``False`` a backend that
+            was not tried yet in this process is reported as such.
+
+    Returns:
+        ``{"cpu": {"solver": "native-cpu" | "torch" | "error", "mode": ..., "reason": ...}, "cuda": {...}}``
+        (float32 and float64; other dtypes always use PyTorch, or are an error under ``native``).
+    """
+    try:
+        mode = requested_mode()
+    except ValueError as exc:
+        return {d: {"solver": "error", "mode": os.environ.get(SOLVER_ENV, ""), "reason": str(exc)} for d in _BUILDERS}
+    out = {}
+    for device_type in _BUILDERS:
+        if mode == "torch":
+            out[device_type] = {"solver": "torch", "mode": mode,
+                                "reason": f"{SOLVER_ENV}=torch: the pure-PyTorch reference"}
+            continue
+        status = load(device_type) if build else _status.get(device_type)
+        if status is None:
+            solver, reason = "unknown", "not built yet in this process (compiles on first use)"
+        elif status.available:
+            solver, reason = _KERNELS[device_type].name, status.reason
+        elif mode == "native":
+            solver, reason = "error", f"{SOLVER_ENV}=native but unavailable: {status.reason}"
+        else:
+            solver, reason = "torch", f"native unavailable: {status.reason}"
+        out[device_type] = {"solver": solver, "mode": mode, "reason": reason}
+    return out
+
+
+def describe(build: bool = True) -> str:
+    """One line per device type: the solver used and why (see :func:`solver_status`)."""
+    lines = []
+    for device_type, s in solver_status(build).items():
+        reason = s["reason"].splitlines()[0] if s["reason"] else ""
+        lines.append(f"{device_type}: {s['solver']} ({SOLVER_ENV}={s['mode']}) — {reason}")
+    return "\n".join(lines)
