@@ -46,14 +46,11 @@ def _gpus() -> list[dict[str, Any]]:
 
 
 def _solvers() -> dict[str, Any]:
-    """Which causal-solve implementation each device type uses, and why."""
-    from layers import causal
+    """Which causal-solve implementation each device type uses, and why (builds the native
+    kernels if this process has not yet: the record must say what the cells will run)."""
+    from layers import native
 
-    status = getattr(causal, "solver_status", None)
-    if status is None:
-        return {"cpu": {"solver": "torch", "reason": "pure-PyTorch reference (no native kernels in this build)"},
-                "cuda": {"solver": "torch", "reason": "pure-PyTorch reference (no native kernels in this build)"}}
-    return status()
+    return native.solver_status(build=True)
 
 
 def collect() -> dict[str, Any]:
