@@ -37,11 +37,17 @@ def assemble(cell: Cell, messages: list[dict[str, Any]], directions: Iterable[st
     ``missing_status`` (e.g. "timeout"), or the cell-level status if the cell failed to build."""
     record: dict[str, Any] = {"key": cell.key(), "cell": asdict(cell), "directions": {}}
     cell_msg: dict[str, Any] = {}
+    memory: list[dict[str, Any]] = []
     for m in messages:
         if m.get("type") == "direction":
             record["directions"][m["direction"]] = {k: v for k, v in m.items() if k not in ("type", "direction")}
+        elif m.get("type") == "memory":
+            memory.append(m)
         elif m.get("type") == "cell":
             cell_msg = {k: v for k, v in m.items() if k != "type"}
+    for m in memory:  # measured after all timing, so it arrives after the direction's record
+        if m["direction"] in record["directions"]:
+            record["directions"][m["direction"]].update({k: v for k, v in m.items() if k not in ("type", "direction")})
     build_status = cell_msg.pop("status", None)
     build_message = cell_msg.pop("message", None)
     record.update(cell_msg)

@@ -125,7 +125,9 @@ def configure_allocator() -> None:
     glibc keeps freed memory in its heap and raises its mmap threshold as large blocks are
     freed, so after warm-up a call can reuse memory without the RSS moving and a peak-RSS
     reading says 0. A fixed mmap threshold returns large blocks to the OS on free, and
-    ``malloc_trim`` before each reading releases what the heap still holds.
+    ``malloc_trim`` before each reading releases what the heap still holds. The price is an
+    mmap and fresh page faults for every large allocation, which slows calls down: call this
+    only after the timing is done.
     """
     global _libc
     try:
@@ -348,7 +350,6 @@ def measure_cell(cell: Cell, policy: TimingPolicy, emit: Emit, *, seed: int = 0,
     """Measure every direction of ``cell``, calling ``emit`` once per direction, then once with
     ``{"type": "cell", ...}`` (parameters, reconstruction error, cell-level status)."""
     t0 = time.perf_counter()
-    configure_allocator()
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -372,6 +373,7 @@ def measure_cell(cell: Cell, policy: TimingPolicy, emit: Emit, *, seed: int = 0,
     nvml = _Nvml(device) if device.type == "cuda" else None
 
     fns = subject.fns
+    measured: list[str] = []  # directions that ran, so their peak memory is measured at the end
     for direction in directions:
         record: dict[str, Any] = {"type": "direction", "direction": direction}
         try:
@@ -382,18 +384,31 @@ def measure_cell(cell: Cell, policy: TimingPolicy, emit: Emit, *, seed: int = 0,
             record["first_call_ms"] = (time.perf_counter() - t_first) * 1e3
             finite = _all_finite(out)
             del out
-            record.update(peak_memory(fns[direction], device, nvml))
             m = time_call(fns[direction], clock, policy)
             record["samples_ms"] = m.samples_ms
             record.update(m.summary())
             record["status"] = "ok" if finite else "nonfinite"
             if not finite:
                 record["message"] = "output contains NaN or Inf"
+            measured.append(direction)
         except Exception as exc:  # noqa: BLE001 - one failing direction must not lose the others
             record["status"], record["message"] = classify_exception(exc)
             record["traceback"] = traceback.format_exc(limit=8)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        emit(record)
+
+    # Peak memory after all timing: on a CPU, measuring it needs an allocator setting that would
+    # slow the timed calls down (see configure_allocator), so it comes last, per finished direction.
+    if device.type == "cpu":
+        configure_allocator()
+    for direction in measured:
+        record = {"type": "memory", "direction": direction}
+        try:
+            record.update(peak_memory(fns[direction], device, nvml))
+        except Exception as exc:  # noqa: BLE001
+            record["peak_mem_bytes"] = None
+            record["memory_warning"] = f"memory not measured: {classify_exception(exc)[1]}"
         emit(record)
 
     try:
