@@ -21,8 +21,8 @@ Environment:
     INVCONV_SOLVER: ``auto`` | ``torch`` | ``native``.
     INVCONV_CPU_ISA: ``auto`` | ``avx2`` | ``generic`` — the CPU kernel's SIMD path (for testing
         the portable fallback; ``auto`` takes AVX2+FMA where the CPU has it).
-    INVCONV_NATIVE_CACHE: build folder (default ``<repo>/.cache/native``, or
-        ``~/.cache/invconv-bench/native`` when the repository is not writable).
+    INVCONV_NATIVE_CACHE: build folder (default ``$XDG_CACHE_HOME/invconv-bench/native``, i.e.
+        ``~/.cache/invconv-bench/native``; shared by every checkout, keyed by the sources).
 """
 
 from __future__ import annotations
@@ -128,16 +128,13 @@ def _cpu_isa_code() -> int:
 
 
 def _cache_root() -> Path:
+    """One per-user cache for every checkout: builds are keyed by the sources' contents, so a
+    fresh clone, a CI run or the base worktree of ``bench ab`` reuses an identical build instead
+    of compiling again."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
-    repo_cache = CSRC.parent / ".cache" / "native"
-    try:
-        repo_cache.mkdir(parents=True, exist_ok=True)
-        if os.access(repo_cache, os.W_OK):
-            return repo_cache
-    except OSError:
-        pass
-    return Path.home() / ".cache" / "invconv-bench" / "native"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "invconv-bench" / "native"
 
 
 def _build_dir(name: str, files: tuple[str, ...], flags: list[str]) -> Path:

@@ -31,7 +31,7 @@ def make_repo(tmp_path: Path, change: str) -> Path:
     and, as HEAD, either a harmless change or glow-1x1 sleeping in its forward pass."""
     repo = tmp_path / "repo"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for part in ("bench", "layers"):
+    for part in ("bench", "layers", "csrc"):
         shutil.copytree(ROOT / part, repo / part, ignore=ignore)
     shutil.copy(ROOT / "pyproject.toml", repo)
     git(repo, "init", "-q")
