@@ -154,28 +154,40 @@ def _compile(name: str, label: str, sources: tuple[str, ...], depends: tuple[str
     flags = kwargs.get("extra_cflags", []) + kwargs.get("extra_cuda_cflags", [])
     build_dir = _build_dir(name, sources + depends, flags)
     build_dir.mkdir(parents=True, exist_ok=True)
-    library = build_dir / f"{name}.so"
-    cached = library.exists()
-    if not cached:
-        print(f"invconv: compiling the native {label} solver (first use; cached in {build_dir}) ...",
-              file=sys.stderr, flush=True)
+    # Written once a build has loaded successfully; names the library. A process that finds it
+    # loads the library directly: cpp_extension.load would regenerate build.ninja with this
+    # checkout's absolute source paths and so recompile identical sources found in another one.
+    ready = build_dir / "READY"
     start = time.perf_counter()
+    if ready.exists():
+        library = Path(ready.read_text().strip())
+        if library.exists():
+            try:
+                torch.ops.load_library(str(library))
+                return BuildStatus(True, "", time.perf_counter() - start, False, str(library))
+            except OSError:
+                pass  # a broken cached library: rebuild below
+    print(f"invconv: compiling the native {label} solver (first use; cached in {build_dir}) ...",
+          file=sys.stderr, flush=True)
     try:
         path = cpp_extension.load(name=name, sources=[str(CSRC / s) for s in sources], build_directory=str(build_dir),
                                   is_python_module=False, verbose=False, **kwargs)
     except Exception as exc:  # the compiler's output is in the message
         seconds = time.perf_counter() - start
-        if not cached:
-            print(f"invconv: building the native {label} solver failed after {seconds:.1f} s; using PyTorch "
-                  f"unless {SOLVER_ENV}=native", file=sys.stderr, flush=True)
+        print(f"invconv: building the native {label} solver failed after {seconds:.1f} s; using PyTorch "
+              f"unless {SOLVER_ENV}=native", file=sys.stderr, flush=True)
         text = str(exc).strip()
         if len(text) > 4000:
             text = "...\n" + text[-4000:]
-        return BuildStatus(False, f"build failed: {type(exc).__name__}: {text}", seconds, not cached)
+        return BuildStatus(False, f"build failed: {type(exc).__name__}: {text}", seconds, True)
     seconds = time.perf_counter() - start
-    if not cached:
-        print(f"invconv: native {label} solver compiled in {seconds:.1f} s", file=sys.stderr, flush=True)
-    return BuildStatus(True, "", seconds, not cached, str(path))
+    print(f"invconv: native {label} solver compiled in {seconds:.1f} s", file=sys.stderr, flush=True)
+    if path is None:  # load(is_python_module=False) returns nothing; the versioner may have named it name_vN.so
+        path = max(build_dir.glob(f"{name}*.so"), key=lambda p: p.stat().st_mtime)
+    tmp = ready.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(str(path))
+    os.replace(tmp, ready)
+    return BuildStatus(True, "", seconds, True, str(path))
 
 
 def _build_cpu() -> BuildStatus:

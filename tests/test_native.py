@@ -336,6 +336,20 @@ def test_import_builds_nothing():
     assert "compiling" not in out.stderr
 
 
+def test_another_checkout_loads_the_cached_build_without_compiling(cpu_kernels, tmp_path):
+    """The build cache is keyed by the sources' contents: a copy of the code elsewhere (a fresh
+    clone, the base worktree of ``bench ab``) loads the existing library instead of recompiling
+    it for its own source paths."""
+    for part in ("layers", "csrc"):
+        shutil.copytree(ROOT / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+    code = "import layers.native as n; print(n.solver_status()['cpu']['reason'])"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", native.SOLVER_ENV)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                         check=True, timeout=120)
+    assert "loaded from cache" in out.stdout, out.stdout + out.stderr
+    assert "compiling" not in out.stderr
+
+
 # ----------------------------------------------------------------------------------------------
 # CUDA: compiled wherever nvcc exists, emulated on the host everywhere, run where a GPU is present
 
