@@ -282,7 +282,7 @@ def test_a_real_build_failure_reports_the_compiler_output(monkeypatch, tmp_path,
     source.write_text('#include "invconv_missing_header.h"\n' + source.read_text())
     monkeypatch.setattr(native, "CSRC", csrc)
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.delitem(native._status, "cpu", raising=False)
+    monkeypatch.setattr(native, "_status", {})  # a fresh per-process cache, restored afterwards
     monkeypatch.setenv(native.SOLVER_ENV, "native")
     y = torch.randn(1, 2, 3, 3, dtype=torch.float64)
     with pytest.raises(native.NativeUnavailableError, match="invconv_missing_header.h"):
