@@ -8,8 +8,8 @@ alternates from round to round (A B, then B A, …). Drift of the machine — an
 starting, thermal throttling — then falls on both revisions alike, and a load burst spoils one
 round of each, not one revision. Each tree gets a normal run folder (``table``, ``plot`` and
 ``compare`` work on it) whose records hold every round's samples, concatenated, with
-``round_sizes`` saying which process produced which (the comparison's bootstrap resamples
-rounds as well as samples; see ``bench/regression.py``).
+``round_sizes`` saying which process produced which: the comparison takes the process as its
+unit (one median per round; see ``bench/regression.py``).
 
 Compatibility assumption: the base revision's ``python -m bench.worker`` reads the request
 this revision sends (``cell``, ``policy`` (the fields of ``TimingPolicy``), ``seed``,

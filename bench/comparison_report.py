@@ -105,9 +105,10 @@ def markdown(comparison: Comparison, base: dict[str, Any], new: dict[str, Any], 
     out.append(", ".join(f"{n} {v}" for v, n in sorted(counts.items(), key=lambda kv: _ORDER.index(kv[0])))
                + f" (cell × direction){'; ' + str(len(accepted)) + ' accepted' if accepted else ''}.")
     out.append("")
-    out.append(f"A row is **slower** when a Mann–Whitney U test on the raw samples gives p < {ALPHA:g} *and* the whole "
-               f"{CONFIDENCE:.0%} bootstrap interval of the median ratio new/base lies above 1 + threshold "
-               f"({_thresholds_text(comparison)}); **broken** when it ran in base and fails in new.")
+    out.append(f"A row is **slower** when the difference is significant (p < {ALPHA:g}) *and* the whole "
+               f"{CONFIDENCE:.0%} interval of the ratio new/base lies above 1 + threshold "
+               f"({_thresholds_text(comparison)}); **broken** when it ran in base and fails in new. "
+               + _methods_text(comparison))
     for note in notes or []:
         out.append(f"{note}")
     out.append("")
@@ -143,12 +144,28 @@ def markdown(comparison: Comparison, base: dict[str, Any], new: dict[str, Any], 
     return "\n".join(out) + "\n"
 
 
+def _methods_text(comparison: Comparison) -> str:
+    """How the rows' p-values and intervals were got (bench/regression.py explains both)."""
+    methods = {r.method for r in comparison.compared}
+    out = []
+    if "rounds" in methods:
+        out.append("Rows measured in several worker processes a side compare the processes' medians (Welch's t on "
+                   "their logarithms; the ratio is that of the geometric means), so the spread between processes "
+                   "counts.")
+    if "samples" in methods:
+        out.append("Rows with one process a side compare the samples (Mann–Whitney U; bootstrap interval of the "
+                   "ratio of medians): that tells whether the two processes differed, not whether the code did; "
+                   "for a gate, measure both revisions with `python -m bench ab`.")
+    return " ".join(out)
+
+
 def to_json(comparison: Comparison) -> dict[str, Any]:
     return {
         "failures": len(comparison.failures),
         "rows": [{"key": r.key, "cell": r.cell, "label": r.label, "direction": r.direction, "verdict": r.verdict,
                   "failing": r.failing, "accepted": str(r.accepted) if r.accepted else None, "ratio": r.ratio,
                   "ci": list(r.ci) if r.ci else None, "p_value": r.p_value, "significant": r.significant,
+                  "method": r.method or None,
                   "threshold": r.threshold, "base_median_ms": r.base_median, "new_median_ms": r.new_median,
                   "base_n": r.base_n, "new_n": r.new_n, "base_rounds": r.base_rounds, "new_rounds": r.new_rounds,
                   "base_status": r.base_status, "new_status": r.new_status, "message": r.message}

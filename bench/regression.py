@@ -3,34 +3,41 @@
 Absolute times on a shared machine drift between identical runs, so a regression gate that
 compares two numbers cries wolf. This module decides from the **raw samples** of two runs
 (BENCHMARKING.md "Regression tracking"), one direction of one cell at a time, and fails only
-when two independent conditions hold:
+when two independent conditions hold: the difference is **significant** (p < :data:`ALPHA`),
+and the whole :data:`CONFIDENCE` interval of the ratio new/base lies above ``1 + threshold``
+(default :data:`THRESHOLDS`: 10 % on a GPU, 25 % on a shared CPU). The interval's *lower bound*
+is used, not the point estimate: the estimate for identical code lands beyond 25 % by chance
+whenever one side was unlucky, the lower bound only when the data show a slowdown of at least
+the threshold with the stated confidence. The price is power: a true slowdown of exactly the
+threshold is usually reported as "same"; a 2× slowdown is not.
 
-1. **Significance.** A two-sided Mann–Whitney U test on the pooled samples (``scipy.stats``)
-   rejects "both samples come from the same distribution" at level :data:`ALPHA`. The U test is
-   a rank test: it needs no normality, and a few enormous outliers (a context switch, a page
-   fault) weigh no more than any other sample that lies on the same side.
+**What counts as one observation.** Samples taken in one worker process are not independent
+evidence: a process is lucky or unlucky *as a whole*. On the 2-core CI machine, identical code
+measured as ``bench ab`` does (glow-1x1, B=2 C=4 8×8, two processes per revision) gave median
+ratios from 0.64× to 1.77× in eight repetitions: the calls of one process fall into two modes
+(≈ 0.10 ms and ≈ 0.19 ms, the machine's, not the code's) in proportions that differ from process
+to process, so a process's median lands on one mode or the other. A test that pools the samples
+of a few processes treats thousands of calls as independent, finds p < 1e-6 for such a
+difference, and a bootstrap over two processes cannot see the spread between processes either:
+that combination failed CI on unchanged code. Hence two methods, chosen by the data:
 
-2. **A minimum effect.** The whole :data:`CONFIDENCE` interval of the ratio
-   ``median(new) / median(base)`` lies above ``1 + threshold`` (default :data:`THRESHOLDS`:
-   10 % on a GPU, 25 % on a shared CPU). The interval's *lower bound* is used, not the point
-   estimate: the point estimate of identical code lands beyond 25 % by chance whenever one
-   side's processes were unlucky, while the lower bound only does when the data show a slowdown
-   of at least the threshold with the stated confidence. The price is power: a true slowdown of
-   exactly the threshold is usually reported as "same"; a 2× slowdown is not.
+- **Several processes per side** (``bench ab``: one per round, ``round_sizes`` in the record):
+  the process is the unit. Each round is summarised by its median; on the log scale, Welch's
+  t-test compares the two sides' round medians (p-value) and gives the t interval of the
+  difference of their means, i.e. of the ratio of the geometric means of the round medians,
+  with Welch–Satterthwaite degrees of freedom. The spread between processes enters the interval
+  with the small-sample penalty of the t distribution, as in the multi-level method of Kalibera &
+  Jones ("Rigorous benchmarking in reasonable time", ISMM 2013) with the repetitions at the
+  process level. With 2 rounds a side only a slowdown far beyond the spread between processes
+  can fail; ``bench ab`` runs 5 by default.
+- **One process per side** (two ``bench run`` folders): there is no spread between processes to
+  estimate. Significance is a two-sided Mann–Whitney U test on the samples (a rank test: no
+  normality needed, and a few enormous outliers weigh no more than any other sample on the same
+  side); the interval is a percentile bootstrap of ``median(new) / median(base)`` with a fixed
+  seed (:data:`BOOTSTRAP_SEED`). This says whether the two *processes* differed; whether the code
+  did is a question for ``bench ab`` (the report says which method a row used).
 
-The interval is a **percentile bootstrap of the ratio of medians**. Samples that came from
-several worker processes (``bench ab`` runs each side in several interleaved rounds, one
-process per round) are not independent: a process can be unlucky as a whole (another job
-started, the allocator laid memory out differently). The bootstrap therefore resamples at both
-levels, as in the hierarchical bootstrap (Saravanan, Berman & Sober, "Application of the
-hierarchical bootstrap to multi-level data in neuroscience", NBDC 2020,
-https://arxiv.org/abs/2007.07797): each replicate draws the rounds with replacement, then the
-samples within each drawn round with replacement, and takes the median of what it drew; the
-ratio of the two sides' replicate medians is one draw of the ratio's sampling distribution. A
-run with one process per cell (``bench run``) is a single round, and the procedure is the
-ordinary bootstrap. With few rounds the interval is wide (it spans from the luckiest to the
-unluckiest rounds), which is the conservative direction for a gate. Replicates use a fixed seed
-(:data:`BOOTSTRAP_SEED`), so the same samples always give the same interval and verdict.
+Both are deterministic: the same samples always give the same interval and verdict.
 
 Verdicts per (cell, direction):
 
@@ -73,17 +80,18 @@ per cent; a shared CPU (other jobs, frequency scaling, SMT siblings) by much mor
 CPU threshold would either cry wolf or need far longer runs."""
 
 BOOTSTRAP_RESAMPLES = 2000
-"""Replicates per interval: the 0.5 % and 99.5 % quantiles rest on ~10 replicates each, enough
-for a gate whose decisions are not close calls (the effect threshold sits far from 1)."""
+"""Replicates per interval (one process per side): the 0.5 % and 99.5 % quantiles rest on ~10
+replicates each, enough for a gate whose decisions are not close calls (the effect threshold
+sits far from 1)."""
 
 BOOTSTRAP_SEED = 20261122
 """Fixed seed of the bootstrap: identical inputs give identical verdicts (reproducible CI)."""
 
-MAX_POINTS_PER_ROUND = 400
-"""A round with more samples than this (fast calls collect thousands) enters the bootstrap as
+MAX_POINTS = 400
+"""A side with more samples than this (fast calls collect thousands) enters the bootstrap as
 this many evenly spaced quantiles of its samples. That keeps the shape of the distribution and
-bounds the cost; the bootstrap of fewer points has a slightly *wider* spread, i.e. the
-shortcut errs on the side of not failing."""
+bounds the cost; the bootstrap of fewer points has a slightly *wider* spread, i.e. the shortcut
+errs on the side of not failing."""
 
 MIN_SAMPLES = 3
 """Fewer samples than this on either side: no verdict ("not compared")."""
@@ -133,36 +141,49 @@ def _thin(values: np.ndarray, cap: int) -> np.ndarray:
     return np.quantile(values, (np.arange(cap) + 0.5) / cap)
 
 
-def bootstrap_medians(samples: Samples, resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """``resamples`` bootstrap replicates of the median, resampling rounds, then samples within
-    the drawn rounds (see the module docstring)."""
-    rounds = [_thin(r, MAX_POINTS_PER_ROUND) for r in samples.rounds()]
-    sizes = np.array([r.size for r in rounds])
-    n_rounds, width = sizes.size, int(sizes.max())
-    if n_rounds == 1:
-        idx = rng.integers(0, width, size=(resamples, width))
-        return np.median(rounds[0][idx], axis=1)
-    padded = np.full((n_rounds, width), np.nan)
-    for i, r in enumerate(rounds):
-        padded[i, :r.size] = r
-    out = np.empty(resamples)
-    chunk = max(1, 2_000_000 // (n_rounds * width))  # bound the memory of one batch of replicates
-    for start in range(0, resamples, chunk):
-        m = min(chunk, resamples - start)
-        drawn = rng.integers(0, n_rounds, size=(m, n_rounds))  # which rounds this replicate uses
-        drawn_sizes = sizes[drawn][..., None]
-        within = (rng.random((m, n_rounds, width)) * drawn_sizes).astype(np.int64)
-        values = padded[drawn[..., None], within]
-        values[np.arange(width) >= drawn_sizes] = np.nan  # a short round contributes its own size only
-        out[start:start + m] = np.nanmedian(values.reshape(m, -1), axis=1)
-    return out
+@dataclass(frozen=True)
+class Estimate:
+    """The ratio new/base, its interval, the p-value of "no difference", and how they were got."""
+
+    ratio: float
+    ci: tuple[float, float]
+    p_value: float
+    method: str  # "rounds" (process-level t) or "samples" (one process per side)
+
+
+def per_round(base: Samples, new: Samples, confidence: float = CONFIDENCE) -> Estimate:
+    """Welch's t on the log of the round medians: the ratio of the geometric means of the round
+    medians, its t interval and the two-sided p-value. Needs at least 2 rounds on each side."""
+    from scipy.stats import t as student_t
+
+    x = np.log([np.median(r) for r in base.rounds()])
+    y = np.log([np.median(r) for r in new.rounds()])
+    if x.size < 2 or y.size < 2:
+        raise ValueError(f"per_round needs at least 2 rounds a side, got {x.size} and {y.size}")
+    diff = float(y.mean() - x.mean())
+    vx, vy = x.var(ddof=1) / x.size, y.var(ddof=1) / y.size
+    se = float(np.sqrt(vx + vy))
+    if se == 0.0:  # every round of each side had the same median: the difference is exact
+        return Estimate(float(np.exp(diff)), (float(np.exp(diff)),) * 2, 1.0 if diff == 0.0 else 0.0, "rounds")
+    dof = (vx + vy) ** 2 / (vx ** 2 / (x.size - 1) + vy ** 2 / (y.size - 1))  # Welch–Satterthwaite
+    half = float(student_t.ppf(0.5 + confidence / 2, dof)) * se
+    p = float(2.0 * student_t.sf(abs(diff) / se, dof))
+    return Estimate(float(np.exp(diff)), (float(np.exp(diff - half)), float(np.exp(diff + half))), p, "rounds")
+
+
+def bootstrap_medians(values: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """``resamples`` percentile-bootstrap replicates of the median of ``values``."""
+    values = _thin(np.asarray(values, dtype=np.float64), MAX_POINTS)
+    idx = rng.integers(0, values.size, size=(resamples, values.size))
+    return np.median(values[idx], axis=1)
 
 
 def median_ratio_interval(base: Samples, new: Samples, confidence: float = CONFIDENCE,
                           resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
-    """Percentile-bootstrap ``confidence`` interval of ``median(new) / median(base)``."""
+    """Percentile-bootstrap ``confidence`` interval of ``median(new) / median(base)``, every
+    sample treated as independent (the one-process-per-side method)."""
     rng = np.random.default_rng(seed)
-    ratios = bootstrap_medians(new, resamples, rng) / bootstrap_medians(base, resamples, rng)
+    ratios = bootstrap_medians(new.values, resamples, rng) / bootstrap_medians(base.values, resamples, rng)
     tail = (1.0 - confidence) / 2
     lo, hi = np.quantile(ratios, [tail, 1.0 - tail])
     return float(lo), float(hi)
@@ -175,6 +196,18 @@ def mann_whitney_p(base: Samples, new: Samples) -> float:
     if np.ptp(np.concatenate([base.values, new.values])) == 0:
         return 1.0  # all identical: no evidence of any difference (scipy would divide by zero)
     return float(mannwhitneyu(new.values, base.values, alternative="two-sided").pvalue)
+
+
+def per_sample(base: Samples, new: Samples) -> Estimate:
+    """The one-process-per-side method: Mann–Whitney U and the bootstrap of the median ratio."""
+    return Estimate(new.median / base.median, median_ratio_interval(base, new), mann_whitney_p(base, new), "samples")
+
+
+def estimate(base: Samples, new: Samples) -> Estimate:
+    """The process-level method when both sides have several rounds, else the sample-level one."""
+    if len(base.round_sizes) >= 2 and len(new.round_sizes) >= 2 and min(base.values.min(), new.values.min()) > 0:
+        return per_round(base, new)
+    return per_sample(base, new)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,6 +231,7 @@ class Row:
     ci: tuple[float, float] | None = None
     p_value: float | None = None
     significant: bool = False
+    method: str = ""  # "rounds" or "samples": see estimate()
     base_n: int = 0
     new_n: int = 0
     base_rounds: int = 0
@@ -253,17 +287,17 @@ def default_threshold(device: str) -> float:
 
 
 def compare_samples(base: Samples, new: Samples, threshold: float) -> dict[str, Any]:
-    """Ratio, interval, p-value and verdict (``slower``, ``faster`` or ``same``) of two samples."""
-    lo, hi = median_ratio_interval(base, new)
-    p = mann_whitney_p(base, new)
-    significant = p < ALPHA
+    """Ratio, interval, p-value, method and verdict (``slower``, ``faster`` or ``same``)."""
+    e = estimate(base, new)
+    lo, hi = e.ci
+    significant = e.p_value < ALPHA
     if significant and lo >= 1.0 + threshold:
         verdict = "slower"
     elif significant and hi <= 1.0 / (1.0 + threshold):
         verdict = "faster"
     else:
         verdict = "same"
-    return {"ratio": new.median / base.median, "ci": (lo, hi), "p_value": p, "significant": significant,
+    return {"ratio": e.ratio, "ci": (lo, hi), "p_value": e.p_value, "significant": significant, "method": e.method,
             "verdict": verdict, "base_median": base.median, "new_median": new.median}
 
 

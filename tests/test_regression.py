@@ -115,19 +115,60 @@ def test_interval_is_reproducible_and_brackets_the_ratio():
 
 def test_round_structure_widens_the_interval():
     """Samples from a few processes that disagree as a whole are less evidence than as many
-    independent samples: the hierarchical bootstrap must say so."""
+    independent samples: with rounds, the process is the unit and the interval says so."""
     rng = np.random.default_rng(2)
     levels = [0.8, 1.0, 1.25, 0.9, 1.1]  # per-process level (load, memory layout)
     values = np.concatenate([lvl * rng.lognormal(0, 0.03, 40) for lvl in levels])
     new_values = np.concatenate([lvl * 1.1 * rng.lognormal(0, 0.03, 40) for lvl in reversed(levels)])
-    flat = median_ratio_interval(Samples.of(values), Samples.of(new_values))
-    nested = median_ratio_interval(Samples.of(values, [40] * 5), Samples.of(new_values, [40] * 5))
-    assert nested[1] - nested[0] > 2 * (flat[1] - flat[0])
+    flat = regression.estimate(Samples.of(values), Samples.of(new_values))
+    nested = regression.estimate(Samples.of(values, [40] * 5), Samples.of(new_values, [40] * 5))
+    assert flat.method == "samples" and nested.method == "rounds"
+    assert nested.ci[1] - nested.ci[0] > 2 * (flat.ci[1] - flat.ci[0])
+    assert nested.ci[0] < 1.1 < nested.ci[1] and nested.ratio == pytest.approx(1.1, rel=0.03)
 
 
-def test_many_samples_per_round_are_thinned_not_dropped():
+def _bimodal_rounds(rng, modes, n=300):
+    """What the 2-core CI machine does to a 0.1 ms call: each worker process runs all its calls
+    at one of two speeds, about 2x apart, whatever the code."""
+    values = [m * rng.lognormal(0, 0.04, n) for m in modes]
+    return Samples.of(np.concatenate(values), [n] * len(modes))
+
+
+def test_two_unlucky_processes_are_not_a_regression():
+    """The CI failure this method replaced: unchanged code, both base processes in the fast
+    mode and both new ones in the slow mode. Pooling the samples called it 1.65x slower with
+    p < 1e-6; per process it is two observations a side, which prove nothing."""
+    rng = np.random.default_rng(11)
+    base, new = _bimodal_rounds(rng, [0.10, 0.11]), _bimodal_rounds(rng, [0.19, 0.21])
+    pooled = regression.per_sample(base, new)
+    assert pooled.p_value < 1e-6 and pooled.ci[0] > 1.25  # what the old gate saw
+    out = regression.compare_samples(base, new, 0.25)
+    assert out["method"] == "rounds" and out["verdict"] == "same", out
+
+
+def test_a_real_slowdown_beats_the_spread_between_processes():
+    rng = np.random.default_rng(12)
+    base = _bimodal_rounds(rng, [0.10, 0.19, 0.10, 0.20, 0.11])
+    slow = _bimodal_rounds(rng, [50.1, 50.2, 50.1])  # a 50 ms sleep, three rounds
+    out = regression.compare_samples(base, slow, 0.25)
+    assert out["method"] == "rounds" and out["verdict"] == "slower" and out["ci"][0] > 10
+    double = _bimodal_rounds(rng, [0.4, 0.42, 0.39, 0.41, 0.40])  # 4x, steady processes
+    steady = _bimodal_rounds(rng, [0.10, 0.11, 0.10, 0.105, 0.10])
+    assert regression.compare_samples(steady, double, 0.25)["verdict"] == "slower"
+    assert regression.compare_samples(double, steady, 0.25)["verdict"] == "faster"
+
+
+def test_rounds_with_identical_medians_do_not_divide_by_zero():
+    same = Samples.of([1.0, 1.0, 1.0, 1.0], [2, 2])
+    assert regression.per_round(same, same) == regression.Estimate(1.0, (1.0, 1.0), 1.0, "rounds")
+    shifted = Samples.of([2.0, 2.0, 2.0, 2.0], [2, 2])
+    e = regression.per_round(same, shifted)
+    assert e.ratio == e.ci[0] == e.ci[1] == 2.0 and e.p_value == 0.0
+
+
+def test_many_samples_are_thinned_not_dropped():
     rng = np.random.default_rng(3)
-    big = Samples.of(_noisy(rng, 1.0, n=6000), [3000, 3000])
+    big = Samples.of(_noisy(rng, 1.0, n=6000))
     lo, hi = median_ratio_interval(big, big)
     assert lo < 1.0 < hi and hi - lo < 0.2
 

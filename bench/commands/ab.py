@@ -35,8 +35,12 @@ examples:
 
 DEFAULT_ROUNDS = 5
 """Rounds per tree. Each round is one worker process per cell and tree (about 2 s of start-up on
-a CPU). Five keep the percentile bootstrap over rounds meaningful; fewer make its interval span
-the luckiest-to-unluckiest round, which only a large slowdown clears."""
+a CPU), and the comparison's unit is the process: a t interval over 5 round medians a side is
+narrow enough to catch a 2× slowdown of a steady cell; over 2 it has about 1 degree of freedom
+and only a slowdown far beyond the spread between processes clears it (bench/regression.py)."""
+
+FEW_ROUNDS = 3
+"""Below this many rounds, ab says that its interval will be very wide."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,8 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.no_isolate:
         raise UsageError("--no-isolate: bench ab measures every cell in a worker process of its own revision")
-    if args.rounds < 1:
-        raise UsageError(f"--rounds must be >= 1, got {args.rounds}")
+    if args.rounds < 2:
+        raise UsageError(f"--rounds must be >= 2, got {args.rounds}: the comparison's unit is the worker process, "
+                         "and the spread between processes needs at least two a side (default "
+                         f"{DEFAULT_ROUNDS})")
 
     from .. import ab, runs
     from ..comparison_report import markdown, to_json
@@ -107,6 +113,10 @@ def main(args: argparse.Namespace) -> int:
                 for cell, why in skipped:
                     print(f"  skipped {cell.label()}: {why}", file=sys.stderr)
                 _warn_if_busy(config.device)
+                if args.rounds < FEW_ROUNDS:
+                    print(f"note: with {args.rounds} rounds a side the interval between processes is very wide; only "
+                          f"a slowdown far beyond the spread between processes can fail (use --rounds "
+                          f"{DEFAULT_ROUNDS} for a gate)", file=sys.stderr)
                 bar = _progress(len(cells) * args.rounds * 2, 0, args.no_progress)
                 try:
                     ab.measure_interleaved(

@@ -1,9 +1,11 @@
 """``python -m bench compare BASE_RUN NEW_RUN``: is NEW slower than BASE, cell by cell?
 
 For every cell both runs measured (matched by shape, layer, device, dtype and options) and every
-direction: the ratio of medians new/base with a bootstrap confidence interval, a Mann–Whitney U
-p-value on the raw samples, and a verdict (slower, faster, same, broken, …; the policy is in
-``bench/regression.py``). Prints a Markdown summary for a pull-request comment. Exit status 1
+direction: the ratio new/base with a confidence interval, a p-value, and a verdict (slower,
+faster, same, broken, …; the statistics and the policy are in ``bench/regression.py``). Runs
+made by ``bench ab`` hold several worker processes a side and are compared process by process;
+two ``bench run`` folders hold one process per cell and are compared sample by sample, which
+shows whether the two processes differed, not whether the code did. Prints a Markdown summary for a pull-request comment. Exit status 1
 when a cell is significantly slower *and* beyond the threshold, or ok in BASE but failing in
 NEW, unless accepted with ``--accept``/``--accept-from``; 0 otherwise.
 
