@@ -231,7 +231,6 @@ def measure_shape(shape: Shape, *, min_calls: int = 20, min_seconds: float = 0.5
 def environment(device: str) -> dict:
     """What the numbers depend on: versions, hardware, threads, the solver choice, the commit."""
     import platform
-    import subprocess
     import sys
 
     def cpu_model() -> str:
@@ -243,13 +242,9 @@ def environment(device: str) -> dict:
             pass
         return platform.processor() or platform.machine()
 
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
-                                  cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
+    from .runs import git_state
 
+    git = git_state()
     env = {
         "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": ("python -m bench " + " ".join(sys.argv[1:])) if sys.argv[0].endswith("__main__.py")
@@ -261,8 +256,8 @@ def environment(device: str) -> dict:
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "git_commit": git("rev-parse", "--short", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "git_commit": git["short"],
+        "git_dirty": git["dirty"],
         "solver": native.solver_status(),
     }
     if device == "cpu":

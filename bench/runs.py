@@ -41,17 +41,18 @@ def git_state(root: Path = ROOT) -> dict[str, Any]:
             out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.TimeoutExpired):
             return None
-        return out.stdout.strip() if out.returncode == 0 else None
+        return out.stdout if out.returncode == 0 else None
 
-    commit = git("rev-parse", "HEAD")
-    if commit is None:
+    commit = (git("rev-parse", "HEAD") or "").strip()
+    if not commit:
         return {"commit": None, "short": None, "dirty": None, "branch": None}
-    status = git("status", "--porcelain")
     # Results are not code: run folders kept under results/ (e.g. by `--preset all`, which
-    # writes one before starting the next) must not mark the measured code as modified.
-    changed = [line for line in (status or "").splitlines() if not line[3:].strip('"').startswith("results/")]
+    # writes one before starting the next) must not mark the measured code as modified. The
+    # porcelain lines are "XY PATH": not stripped, or the first line's path loses a letter.
+    changed = [line for line in (git("status", "--porcelain") or "").splitlines()
+               if line.strip() and not line[3:].strip('"').startswith("results/")]
     return {"commit": commit, "short": commit[:7], "dirty": bool(changed),
-            "branch": git("rev-parse", "--abbrev-ref", "HEAD")}
+            "branch": (git("rev-parse", "--abbrev-ref", "HEAD") or "").strip() or None}
 
 
 def utc_now() -> _dt.datetime:
