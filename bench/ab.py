@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .runs import ROOT, append_record, git_state
+from .runs import ROOT, append_record, git_state, make_unique_dir
 from .sweep import Cell, SweepConfig
 
 # bench.execute (and with it torch) is imported where it is used, so that git problems are
@@ -154,16 +154,7 @@ def new_ab_dir(out_root: str | os.PathLike, base_git: dict[str, Any], new_git: d
     stamp = f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%SZ}"
     name = f"{stamp}_ab_{base_git.get('short') or 'nogit'}_{new_git.get('short') or 'nogit'}" \
            f"{'-dirty' if new_git.get('dirty') else ''}"
-    root = Path(out_root)
-    root.mkdir(parents=True, exist_ok=True)
-    path, i = root / name, 1
-    while True:
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            i += 1
-            path = root / f"{name}.{i}"
+    return make_unique_dir(Path(out_root), name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .render import Table, fmt_ms
+from .render import Table, fmt_ms, hardware
 from .runs import ROOT
 
 PAPER_DIR = ROOT / "results" / "paper"
@@ -270,11 +270,7 @@ def _match_axis(table: PaperTable, records: list[dict[str, Any]], notes: list[st
 def _describe_ours(config: dict[str, Any], env: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
     env = env or {}
     device = config.get("device", "?")
-    if device == "cuda" and env.get("gpus"):
-        hw = env["gpus"][0]["name"]
-    else:
-        hw = env.get("cpu", {}).get("model", "unknown CPU")
-    threads = config.get("threads") or env.get("torch", {}).get("threads")
+    hw, threads = hardware(config, env)
     git = env.get("git", {})
     when = (env.get("timestamp_utc") or "")[:10]
     lines = [f"Ours: {device} ({hw}), {config.get('dtype', '?')}, torch {env.get('torch', {}).get('version', '?')}, "

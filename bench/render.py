@@ -205,15 +205,20 @@ def tables(records: list[dict[str, Any]], sweep: list[str], metrics: list[str] |
 # Formats
 
 
+def hardware(config: dict[str, Any], env: dict[str, Any]) -> tuple[str, int | None]:
+    """The device a run measured on (the GPU's name, or the CPU model) and its CPU thread count."""
+    if config.get("device") == "cuda" and env.get("gpus"):
+        hw = env["gpus"][0]["name"]
+    else:
+        hw = env.get("cpu", {}).get("model", "unknown CPU")
+    return hw, config.get("threads") or env.get("torch", {}).get("threads")
+
+
 def describe_run(config: dict[str, Any], env: dict[str, Any] | None) -> list[str]:
     """Lines saying what was measured where (shown above the tables)."""
     env = env or {}
     device = config["device"]
-    if device == "cuda" and env.get("gpus"):
-        hw = env["gpus"][0]["name"]
-    else:
-        hw = env.get("cpu", {}).get("model", "unknown CPU")
-    threads = config.get("threads") or env.get("torch", {}).get("threads")
+    hw, threads = hardware(config, env)
     git = env.get("git", {})
     model_scope = config.get("scope") == "model"
     axis_titles = {**AXIS_TITLES, "channels": "image channels"} if model_scope else AXIS_TITLES

@@ -81,9 +81,14 @@ def new_run_dir(out_root: str | os.PathLike, git: dict[str, Any] | None = None, 
         return path
     git = git if git is not None else git_state()
     sha = git.get("short") or "nogit"
-    name = f"{utc_now():%Y%m%dT%H%M%SZ}_{sha}{'-dirty' if git.get('dirty') else ''}"
-    path = root / name
-    i = 1
+    return make_unique_dir(root, f"{utc_now():%Y%m%dT%H%M%SZ}_{sha}{'-dirty' if git.get('dirty') else ''}")
+
+
+def make_unique_dir(root: Path, name: str) -> Path:
+    """Create ``root/name``, or ``root/name.2``, ``.3``, … if taken (atomic: two runs started in
+    the same second never share a folder)."""
+    root.mkdir(parents=True, exist_ok=True)
+    path, i = root / name, 1
     while True:
         try:
             path.mkdir()
