@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import io
+import os
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from types import SimpleNamespace
+
 import torch
 
 from layers.causal import causal_conv2d
@@ -98,3 +104,49 @@ def assert_exact_layer(layer: torch.nn.Module, x: torch.Tensor, gradcheck: bool 
     torch.testing.assert_close(ji @ jf, torch.eye(jf.shape[0], dtype=jf.dtype), rtol=1e-8, atol=1e-8)
     if gradcheck:
         assert density_gradcheck(layer, x)
+
+
+def solve_gradcheck(orientation: str, unit: bool, channels: int, k: int = 3) -> bool:
+    """float64 gradcheck of the solve (whichever solver is selected) with respect to the right-hand
+    side and the free parameters of the weight: the off-centre taps, the strictly lower centre
+    entries and, for a general diagonal, the diagonal. (Perturbing an upper centre entry would
+    leave the set of triangular weights the solve is defined on.)"""
+    from layers.causal import assemble_weight, solve
+
+    c = channels
+    off = (torch.randn(c, c, k * k - 1, dtype=torch.float64) * 0.2).requires_grad_()
+    lower = (torch.randn(c * (c - 1) // 2, dtype=torch.float64) * 0.2).requires_grad_()
+    diag = None if unit else (1.0 + 0.3 * torch.rand(c, dtype=torch.float64)).requires_grad_()
+    y = torch.randn(2, c, 4, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(y, off, lower, *diag):
+        wgt = assemble_weight(off, lower, diag[0] if diag else None, orientation)
+        return solve(y, wgt, orientation, unit_diagonal=unit)
+
+    return torch.autograd.gradcheck(f, (y, off, lower) + (() if unit else (diag,)))
+
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def check_golden(name: str, text: str) -> None:
+    """``text`` equals ``tests/golden/<name>``; ``UPDATE_GOLDEN=1`` rewrites the file instead."""
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert path.exists(), f"missing golden file {path}; create it with UPDATE_GOLDEN=1 and review it"
+    assert text == path.read_text(), f"{name} differs from the golden file"
+
+
+def bench_in_process(*args: str) -> SimpleNamespace:
+    """``python -m bench ARGS`` in this process (for commands that measure nothing, so need no
+    isolation): ``returncode``, ``stdout``, ``stderr`` as from ``subprocess.run``."""
+    from bench.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:
+            code = exc.code
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())

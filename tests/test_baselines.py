@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import json
-from contextlib import redirect_stderr, redirect_stdout
-from types import SimpleNamespace
 
 import pytest
+from helpers import bench_in_process
 
 from bench import baselines
 
 
-def bench(*args):
-    from bench.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            code = main(list(args))
-        except SystemExit as exc:
-            code = exc.code
-    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+bench = bench_in_process  # these commands measure nothing: no worker processes needed
 
 
 @pytest.fixture(scope="module")

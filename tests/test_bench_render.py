@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
+from helpers import check_golden
 
 from bench import render
 from bench.runs import COLUMNS, long_frame
 
-GOLDEN = Path(__file__).parent / "golden"
 
 CONFIG = {
     "layers": ["inverse-flow", "emerging", "glow-1x1"], "sweep": ["kernel_size"],
@@ -55,26 +52,18 @@ RECORDS = [
 ]
 
 
-def _check(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("UPDATE_GOLDEN"):
-        path.write_text(text)
-    assert path.exists(), f"missing golden file {path}; create it with UPDATE_GOLDEN=1 and review it"
-    assert text == path.read_text(), f"{name} differs from the golden file"
-
-
 def test_markdown_golden():
     tables = render.tables(RECORDS, CONFIG["sweep"], ["median", "mean", "memory", "params", "recon_error"])
-    _check("kernel_sweep.md", render.to_markdown(tables, render.describe_run(CONFIG, ENV), "golden run"))
+    check_golden("kernel_sweep.md", render.to_markdown(tables, render.describe_run(CONFIG, ENV), "golden run"))
 
 
 def test_latex_golden():
     tables = render.tables(RECORDS, CONFIG["sweep"], ["median", "params"])
-    _check("kernel_sweep.tex", render.to_latex(tables, render.describe_run(CONFIG, ENV)))
+    check_golden("kernel_sweep.tex", render.to_latex(tables, render.describe_run(CONFIG, ENV)))
 
 
 def test_csv_golden():
-    _check("kernel_sweep.csv", render.to_csv(RECORDS))
+    check_golden("kernel_sweep.csv", render.to_csv(RECORDS))
 
 
 def test_csv_is_long_format_with_required_columns():

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import dense_conv_matrix, random_causal_weight
+from helpers import dense_conv_matrix, random_causal_weight, solve_gradcheck
 
 from layers.causal import (
     ORIENTATIONS,
@@ -104,18 +104,7 @@ def test_adjoint_solve_is_transpose_inverse(orientation):
 def test_solve_gradcheck(orientation, unit):
     """gradcheck through the free parameters (perturbing an upper centre entry would leave the
     set of triangular weights the solve is defined on)."""
-    c, k = 3, 3
-    off = (torch.randn(c, c, k * k - 1, dtype=torch.float64) * 0.2).requires_grad_()
-    lower = (torch.randn(c * (c - 1) // 2, dtype=torch.float64) * 0.2).requires_grad_()
-    diag = None if unit else (1.0 + 0.3 * torch.rand(c, dtype=torch.float64)).requires_grad_()
-    y = torch.randn(2, c, 4, 3, dtype=torch.float64, requires_grad=True)
-
-    def f(y, off, lower, *diag):
-        wgt = assemble_weight(off, lower, diag[0] if diag else None, orientation)
-        return solve(y, wgt, orientation, unit_diagonal=unit)
-
-    inputs = (y, off, lower) + (() if unit else (diag,))
-    assert torch.autograd.gradcheck(f, inputs)
+    assert solve_gradcheck(orientation, unit, channels=3)
 
 
 def test_solve_checks_arguments():

@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import dense_conv_matrix, random_causal_weight
+from helpers import dense_conv_matrix, random_causal_weight, solve_gradcheck
 
 import layers
 from layers import causal, native
 from layers.causal import (
     ORIENTATIONS,
     adjoint_reference,
-    adjoint_solve,
     assemble_weight,
     causal_conv2d,
     solve,
@@ -190,18 +189,7 @@ def test_native_gradients_match_autograd_through_dense_solve(native_mode, orient
 @pytest.mark.parametrize("unit", [True, False], ids=["unit", "general"])
 @pytest.mark.parametrize("orientation", ORIENTATIONS)
 def test_native_gradcheck(native_mode, orientation, unit):
-    c, k = 4, 3
-    off = (torch.randn(c, c, k * k - 1, dtype=torch.float64) * 0.2).requires_grad_()
-    lower = (torch.randn(c * (c - 1) // 2, dtype=torch.float64) * 0.2).requires_grad_()
-    diag = None if unit else (1.0 + 0.3 * torch.rand(c, dtype=torch.float64)).requires_grad_()
-    y = torch.randn(2, c, 4, 3, dtype=torch.float64, requires_grad=True)
-
-    def f(y, off, lower, *diag):
-        wgt = assemble_weight(off, lower, diag[0] if diag else None, orientation)
-        return solve(y, wgt, orientation, unit_diagonal=unit)
-
-    inputs = (y, off, lower) + (() if unit else (diag,))
-    assert torch.autograd.gradcheck(f, inputs)
+    assert solve_gradcheck(orientation, unit, channels=4)
 
 
 @pytest.mark.parametrize("name", ["inverse-flow", "finc"])

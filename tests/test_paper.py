@@ -3,29 +3,18 @@ against golden files (regenerate with UPDATE_GOLDEN=1 after checking the diff)."
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
+from helpers import check_golden
 
 import layers
 from bench import paper, presets
 from bench.report import render_paper_table
 
-GOLDEN = Path(__file__).parent / "golden"
 
 # Every layer of SPEC.md §5: a published row may name one that is not merged into this checkout yet.
 SPEC_LAYERS = {"butterfly", "cinc", "emerging", "finc", "glow-1x1", "inverse-flow", "snf", "woodbury"}
 TABLES = paper.available_tables()
 PRESETS = presets.names()
-
-
-def _check(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("UPDATE_GOLDEN"):
-        path.write_text(text)
-    assert path.exists(), f"missing golden file {path}; create it with UPDATE_GOLDEN=1 and review it"
-    assert text == path.read_text(), f"{name} differs from the golden file"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,21 +170,21 @@ def _cifar_records():
 
 
 def test_paper_kernel_size_markdown_golden():
-    _check("paper_kernel_size.md",
+    check_golden("paper_kernel_size.md",
            render_paper_table("ablation-kernel-size", _kernel_config(), ENV_CPU, _kernel_records(), "md"))
 
 
 def test_paper_kernel_size_latex_golden():
-    _check("paper_kernel_size.tex",
+    check_golden("paper_kernel_size.tex",
            render_paper_table("ablation-kernel-size", _kernel_config(), ENV_CPU, _kernel_records(), "latex"))
 
 
 def test_paper_cifar_markdown_golden():
-    _check("paper_cifar.md", render_paper_table("cifar", _cifar_config(), ENV_GPU, _cifar_records(), "md"))
+    check_golden("paper_cifar.md", render_paper_table("cifar", _cifar_config(), ENV_GPU, _cifar_records(), "md"))
 
 
 def test_paper_cifar_latex_golden():
-    _check("paper_cifar.tex", render_paper_table("cifar", _cifar_config(), ENV_GPU, _cifar_records(), "latex"))
+    check_golden("paper_cifar.tex", render_paper_table("cifar", _cifar_config(), ENV_GPU, _cifar_records(), "latex"))
 
 
 def test_paper_layout_content():

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
-import sys
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from helpers import bench_in_process
 
 from bench import accept, regression
 from bench.regression import Samples, compare_records, median_ratio_interval
@@ -19,18 +16,7 @@ from bench.regression import Samples, compare_records, median_ratio_interval
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def bench(*args):
-    """``python -m bench ARGS`` in this process (these commands measure nothing, so no isolation
-    is needed, and no interpreter start-up is paid)."""
-    from bench.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            code = main(list(args))
-        except SystemExit as exc:
-            code = exc.code
-    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+bench = bench_in_process  # these commands measure nothing: no worker processes needed
 
 
 def _cell(layer, device="cpu", size=16, k=3):
