@@ -115,7 +115,17 @@ def test_ab_passes_unchanged_code(tmp_path):
     assert "### no performance regression" in res.stdout
     rows = json.loads((pair_dir(out) / "comparison.json").read_text())["rows"]
     assert [r["verdict"] for r in rows] == ["same"] and rows[0]["base_rounds"] == 5
+    assert rows[0]["method"] == "rounds" and "compare the processes' medians" in res.stdout
+    assert "note: with" not in res.stderr  # five rounds: no warning about a wide interval
     assert len(worktrees(repo)) == 1
+
+
+def test_ab_with_two_rounds_says_its_interval_is_wide(tmp_path):
+    repo = make_repo(tmp_path, "notes")
+    res = bench(repo, "ab", "--base", "HEAD~1", "--layers", "glow-1x1", "--rounds", "2",
+                "--out", str(tmp_path / "runs"), *TINY)
+    assert res.returncode in (0, 1), res.stderr
+    assert "note: with 2 rounds a side the interval between processes is very wide" in res.stderr
 
 
 def test_ab_cleans_up_on_interrupt(tmp_path):

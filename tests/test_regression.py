@@ -219,6 +219,8 @@ def test_compare_identical_runs_pass(tmp_path):
     assert "### no performance regression" in res.stdout
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
     assert len(rows) == 6 and {r["verdict"] for r in rows} == {"same"}
+    # One process per cell: compared sample by sample, and the report says what that can show.
+    assert {r["method"] for r in rows} == {"samples"} and "not whether the code did" in res.stdout
 
 
 def test_compare_fails_on_a_2x_slowdown_naming_layer_cell_and_ratio(tmp_path):
