@@ -35,6 +35,8 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import os
+import platform
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -130,8 +132,74 @@ class Spec:
     cell: dict[str, Any]
 
 
-def baseline_path(device: str) -> Path:
-    return BASELINE_DIR / f"{device}.json"
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def _cpu_identity() -> tuple[str, str, set[str]]:
+    """(vendor, family, feature flags) from ``/proc/cpuinfo``; ("unknown", "", {}) elsewhere."""
+    vendor, family, flags = "", "", set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "vendor_id" and not vendor:
+                    vendor = value
+                elif key == "cpu family" and not family:
+                    family = value
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+                elif not line.strip() and vendor:
+                    break  # the first processor is enough
+    except OSError:
+        pass
+    vendor = {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(vendor, vendor or platform.machine() or "unknown")
+    return _slug(vendor), family, flags
+
+
+def machine_class(device: str) -> str:
+    """The kind of machine a ratio baseline holds for, e.g. ``amd-fam25-kernel-avx2-fma-aten-avx512``.
+
+    A ratio of two kernels is machine-independent only while both run the same kind of code:
+    the solve ÷ ``F.conv2d`` ratio recorded on an AVX2-only EPYC rose by 74 % on a Xeon where
+    oneDNN's convolution uses AVX-512 and our kernel AVX2. So a CPU class is the vendor and
+    family, the SIMD path of our native kernel (``layers.native.cpu_isa``) and the CPU
+    capability ATen dispatches to (oneDNN follows the same ISA detection), plus AMX where
+    present. A GPU class is the device name and compute capability.
+    """
+    import torch
+
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return _slug(f"{p.name} sm{p.major}{p.minor}")
+    from layers import native
+
+    vendor, family, flags = _cpu_identity()
+    try:
+        kernel = native.cpu_isa()
+    except Exception:  # noqa: BLE001 - no native kernel here: the solve ratios are the reference's
+        kernel = "torch"
+    aten = torch.backends.cpu.get_cpu_capability()
+    parts = [vendor, f"fam{family}" if family else "", f"kernel {kernel}", f"aten {aten}",
+             "amx" if "amx_tile" in flags else ""]
+    return _slug(" ".join(p for p in parts if p))
+
+
+def baseline_path(device: str, machine: str | None = None) -> Path:
+    """``results/baselines/<device>-<machine class>.json`` (the class of this machine by default)."""
+    return BASELINE_DIR / f"{device}-{machine or machine_class(device)}.json"
+
+
+def recorded_classes(device: str) -> list[str]:
+    return sorted(p.stem[len(device) + 1:] for p in BASELINE_DIR.glob(f"{device}-*.json"))
+
+
+def current_solver(device: str) -> str | None:
+    """The solver ``layers.causal.solve`` uses on ``device`` now (``layers.native.solver_status``)."""
+    from layers import native
+
+    return native.solver_status(build=True).get(device, {}).get("solver")
 
 
 def _cell(layer: str, device: str, batch: int, channels: int, size: int, k: int | None) -> dict[str, Any]:
@@ -369,6 +437,7 @@ def record(device: str, layer_names: list[str], env: dict[str, Any], rounds: int
     return {
         "schema": SCHEMA,
         "device": device,
+        "machine_class": machine_class(device),
         "recorded_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "how": {"clock": _clock_name(device), "threads": THREADS, "repeats": RECORD_REPEATS, "rounds": rounds, "min_passes": MIN_PASSES,
                 "round_time_s": ROUND_TIME[device],
@@ -468,10 +537,7 @@ def check(doc: dict[str, Any], ratios: list[Ratio], markers=(), attempts: int = 
                     break
     recorded = (doc.get("environment") or {}).get("solvers", {}).get(device, {}).get("solver")
     try:
-        from layers import causal
-
-        status = getattr(causal, "solver_status", None)
-        current = status()[device].get("solver") if status else "torch"
+        current = current_solver(device)
     except Exception:  # noqa: BLE001 - only for a note
         current = None
     if recorded and current and recorded != current:

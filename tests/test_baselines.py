@@ -89,7 +89,39 @@ def test_missing_baseline_is_a_usage_error(tmp_path):
     assert res.returncode == 2 and "baseline record" in res.stderr
 
 
-def test_the_committed_cpu_baseline_is_readable():
-    doc, ratios = baselines.load(baselines.baseline_path("cpu"))
-    assert doc["device"] == "cpu" and ratios
-    assert any(r.layer == "solve" for r in ratios) and any(r.name.startswith("inverse-flow") for r in ratios)
+def test_every_committed_cpu_baseline_is_readable_and_named_by_its_class():
+    classes = baselines.recorded_classes("cpu")
+    assert classes, "no CPU baseline is committed under results/baselines/"
+    for machine in classes:
+        doc, ratios = baselines.load(baselines.baseline_path("cpu", machine))
+        assert doc["device"] == "cpu" and doc["machine_class"] == machine and ratios
+        assert any(r.layer == "solve" for r in ratios) and any(r.name.startswith("inverse-flow") for r in ratios)
+
+
+def test_the_machine_class_names_vendor_and_both_isas():
+    machine = baselines.machine_class("cpu")
+    assert "kernel-" in machine and "aten-" in machine
+    assert baselines.baseline_path("cpu").name == f"cpu-{machine}.json"
+
+
+def test_a_machine_class_without_a_baseline_reports_it_and_passes(monkeypatch):
+    # A baseline recorded on another kind of machine says nothing about this one (an AVX2 EPYC's
+    # solve / conv2d ratio failed on an AVX-512 Xeon by +74 % on unchanged code).
+    monkeypatch.setattr(baselines, "machine_class", lambda device: "vendor-of-tomorrow-kernel-x-aten-y")
+    res = bench("baseline", "check", "--device", "cpu", "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert "no baseline recorded for this machine class (cpu-vendor-of-tomorrow-kernel-x-aten-y)" in res.stdout
+
+
+def test_the_solver_note_reads_the_solver_actually_in_use(recorded, monkeypatch):
+    # The check once looked solver_status up in layers.causal, where it does not live, and so
+    # claimed the solver had changed to 'torch' whenever the native one was in use.
+    from layers import native
+
+    assert baselines.current_solver("cpu") == native.solver_status()["cpu"]["solver"]
+    doc, ratios = baselines.load(recorded)
+    rows, notes = baselines.check(doc, ratios[:1], attempts=1, rounds=1)
+    assert not any("solver was" in n for n in notes), notes
+    doc["environment"]["solvers"]["cpu"]["solver"] = "some-other-solver"
+    rows, notes = baselines.check(doc, ratios[:1], attempts=1, rounds=1)
+    assert any("solver was 'some-other-solver'" in n for n in notes), notes

@@ -3,7 +3,10 @@
 ``record`` measures ratios of two timings taken side by side in one process — the causal solve
 ÷ ``F.conv2d`` of the same shape, and every layer's forward / sampling / train time ÷
 ``glow-1x1``'s — and writes them with the environment and a per-ratio threshold to
-``results/baselines/<device>.json`` (commit that file). ``check`` measures the same ratios again
+``results/baselines/<device>-<machine class>.json`` (commit that file). A ratio of two kernels
+holds only for machines that run the same kind of code (the same vendor and family, and the same
+SIMD paths in our kernel and in oneDNN), so baselines are kept per machine class
+(``bench.baselines.machine_class``); on a class with none recorded, ``check`` says so and passes. ``check`` measures the same ratios again
 and exits 1 when one exceeds ``baseline × (1 + threshold)`` in every one of three attempts,
 naming the ratio, the cell and both values, unless a ``--accept``/``--accept-from`` marker
 accepts it. How and why: ``bench/baselines.py``.
@@ -25,9 +28,9 @@ from . import _gate
 HELP = "record or check the committed ratio baselines (solve ÷ conv2d, layer ÷ glow-1x1)"
 DESCRIPTION = __doc__ + """
 examples:
-  python -m bench baseline record                 # (re-)write results/baselines/cpu.json here
+  python -m bench baseline record                 # (re-)write results/baselines/cpu-<this machine class>.json
   python -m bench baseline check --accept-from HEAD
-  python -m bench baseline check --device cuda --file results/baselines/cuda.json
+  python -m bench baseline check --device cuda --file results/baselines/cuda-nvidia-h200-sm90.json
 """
 
 
@@ -41,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for q in (rec, chk):
         q.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
         q.add_argument("--file", metavar="FILE",
-                       help="the baseline file (default results/baselines/<device>.json in this checkout)")
+                       help="the baseline file (default results/baselines/<device>-<machine class>.json in this "
+                            "checkout, for the class of this machine)")
         q.add_argument("--quiet", action="store_true", help="no progress lines")
     rec.add_argument("--layers", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], metavar="NAMES",
                      help="layers to divide by glow-1x1 (default: every available layer)")
@@ -80,6 +84,7 @@ def _record(args: argparse.Namespace) -> int:
         except layers.LayerError as exc:
             raise UsageError(str(exc)) from None
     path = Path(args.file) if args.file else baselines.baseline_path(device)
+    print(f"machine class: {baselines.machine_class(device)}", file=sys.stderr)
     print(f"recording ratio baselines on {device} ({baselines.THREADS} thread) into {path}", file=sys.stderr)
     doc = baselines.record(device, [n for n in names if n != baselines.REFERENCE_LAYER], collect(),
                            progress=_progress(args))
@@ -98,7 +103,15 @@ def _check(args: argparse.Namespace) -> int:
     from ..ab import repository
 
     device = _device(args)
-    path = Path(args.file) if args.file else baselines.baseline_path(device)
+    machine = baselines.machine_class(device)
+    path = Path(args.file) if args.file else baselines.baseline_path(device, machine)
+    if not args.file and not path.exists():
+        # Not a failure: ratios recorded on another kind of machine say nothing about this one.
+        others = ", ".join(baselines.recorded_classes(device)) or "none"
+        print(f"no baseline recorded for this machine class ({device}-{machine}); recorded classes: {others}. "
+              f"Nothing checked. To add one: python -m bench baseline record --device {device} "
+              f"(writes {path}; commit it)")
+        return 0
     if not path.exists():
         raise UsageError(f"no baseline at {path}; record one with `python -m bench baseline record --device {device}`")
     try:
@@ -107,6 +120,9 @@ def _check(args: argparse.Namespace) -> int:
         raise UsageError(f"{path}: unreadable baseline ({exc})") from None
     if doc["device"] != device:
         raise UsageError(f"{path} holds {doc['device']} ratios; pass --device {doc['device']}")
+    if doc.get("machine_class") and doc["machine_class"] != machine:
+        print(f"note: {path} was recorded on machine class {doc['machine_class']}, this machine is {machine}: "
+              "the ratios may not carry over", file=sys.stderr)
     try:
         repo = repository()
     except Exception:  # noqa: BLE001 - markers from a commit need git; explicit --accept does not
