@@ -162,36 +162,15 @@ def new_ab_dir(out_root: str | os.PathLike, base_git: dict[str, Any], new_git: d
 
 
 def merge_rounds(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """One results record from a cell's per-round records: the samples of every round in order,
-    ``round_sizes`` saying how many each contributed, statistics over all of them. A direction
-    that failed in any round takes the most telling failure's status and message."""
-    from .execute import _STATUS_PRIORITY
-    from .stats import Measurement
+    """One results record from a cell's per-round records (one worker process each): see
+    :func:`bench.execute.merge_processes`."""
+    from .execute import merge_processes
 
-    merged = {k: v for k, v in records[-1].items() if k != "directions"}
+    merged = merge_processes(records)
     merged["rounds"] = len(records)
-    merged["directions"] = {}
-    names = list(dict.fromkeys(d for r in records for d in r.get("directions", {})))
-    for name in names:
-        ds = [r["directions"].get(name, {"status": "error", "message": "not measured in this round"}) for r in records]
-        if all(d.get("status") == "ok" and d.get("samples_ms") for d in ds):
-            samples = [s for d in ds for s in d["samples_ms"]]
-            firsts = sorted(d["first_call_ms"] for d in ds if d.get("first_call_ms") is not None)
-            mems = [d["peak_mem_bytes"] for d in ds if d.get("peak_mem_bytes") is not None]
-            merged["directions"][name] = {
-                **ds[-1], "samples_ms": samples, "round_sizes": [len(d["samples_ms"]) for d in ds],
-                **Measurement(samples).summary(),
-                "first_call_ms": firsts[len(firsts) // 2] if firsts else None,
-                "peak_mem_bytes": max(mems) if mems else None,
-            }
-        else:
-            worst = min(ds, key=lambda d: _STATUS_PRIORITY.index(d.get("status", "error"))
-                        if d.get("status", "error") in _STATUS_PRIORITY else 0)
-            merged["directions"][name] = {**worst, "rounds_ok": sum(d.get("status") == "ok" for d in ds)}
-    statuses = [d["status"] for d in merged["directions"].values()] or [records[-1].get("status", "error")]
-    merged["status"] = min(statuses, key=lambda s: _STATUS_PRIORITY.index(s) if s in _STATUS_PRIORITY else 0)
-    bad = [d.get("message") for d in merged["directions"].values() if d["status"] == merged["status"]]
-    merged["message"] = next((m for m in bad if m), records[-1].get("message", ""))
+    for d in merged.get("directions", {}).values():
+        if "processes_ok" in d:
+            d["rounds_ok"] = d["processes_ok"]
     return merged
 
 
@@ -229,6 +208,37 @@ def measure_interleaved(cells: list[Cell], config: SweepConfig, trees: list[Tree
                     on_measured(tree, cell, r, record)
         if r == 0:
             active = [c for c in active if all(_all_ok(got[t.role][c.key()][0]) for t in trees)]
+
+
+def count_trees(cells: list[Cell], config: SweepConfig, trees: list[Tree],
+                got: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
+    """``--metric instructions``: count every cell's instructions per call in each tree, one
+    callgrind process per tree, the two at once (the counts do not depend on the load, and the
+    wall time of a pair is then that of one: mostly torch's import under valgrind)."""
+    import threading
+
+    from .instructions import count_cells
+
+    errors: list[BaseException] = []
+
+    def count(tree: Tree) -> None:
+        try:
+            count_cells(cells, config.directions,
+                        lambda rec: got[tree.role].setdefault(rec["key"], []).append(rec),
+                        root=tree.root, timeout=config.timeout, seed=config.seed)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+            errors.append(exc)
+
+    for t in trees:
+        got.setdefault(t.role, {})
+    threads = [threading.Thread(target=count, args=(t,), daemon=True) for t in trees]
+    for th in threads:
+        th.start()
+    for th in threads:
+        while th.is_alive():
+            th.join(timeout=0.5)  # short joins, so Ctrl-C/SIGTERM reach the main thread
+    if errors:
+        raise errors[0]
 
 
 def _append_round(run_dir: Path, record: dict[str, Any]) -> None:

@@ -7,11 +7,15 @@ from typing import Any
 
 from tabulate import tabulate
 
-from .regression import ALPHA, CONFIDENCE, THRESHOLDS, Comparison, Row
-from .render import fmt_ms
+from .regression import ALPHA, CONFIDENCE, PROCESS_NOISE_BOUND, THRESHOLDS, Comparison, Row
+from .render import fmt_count, fmt_ms
+
+
+def _value(row: Row, v: float | None) -> str:
+    return fmt_count(v) + " instr" if row.method == "instructions" else fmt_ms(v)
 
 # Failures first, then what a reviewer should look at, then the rest.
-_ORDER = ["broken", "slower", "faster", "fixed", "unsupported", "not compared", "same"]
+_ORDER = ["broken", "slower", "inconclusive", "faster", "fixed", "unsupported", "not compared", "same"]
 
 
 def fmt_ratio(r: float | None) -> str:
@@ -61,6 +65,9 @@ def failure_line(row: Row) -> str:
     if row.verdict == "broken":
         return f"{where}: ok in base, {row.new_status} in new ({row.message})"
     lo, hi = row.ci
+    if row.method == "instructions":
+        return (f"{where}: {fmt_change(row.ratio)} instructions per call ({fmt_count(row.base_median)} → "
+                f"{fmt_count(row.new_median)}; threshold {fmt_change(1 + row.threshold)})")
     return (f"{where}: {fmt_ratio(row.ratio)} slower ({fmt_ms(row.base_median)} → {fmt_ms(row.new_median)} ms; "
             f"{CONFIDENCE:.0%} CI {fmt_ratio(lo)}–{fmt_ratio(hi)}, p {fmt_p(row.p_value)}; "
             f"threshold {fmt_ratio(1 + row.threshold)})")
@@ -114,15 +121,17 @@ def markdown(comparison: Comparison, base: dict[str, Any], new: dict[str, Any], 
     out.append("")
     rows = _sorted(comparison.rows)
     table = [[r.layer, _cell_text(r), r.direction,
-              fmt_ms(r.base_median) if r.base_median is not None else r.base_status,
-              fmt_ms(r.new_median) if r.new_median is not None else r.new_status,
-              f"{fmt_ratio(r.ratio)} [{fmt_ratio(r.ci[0])}–{fmt_ratio(r.ci[1])}]" if r.ci else "–",
-              fmt_p(r.p_value), f"{r.base_rounds}/{r.new_rounds}" if r.ratio is not None else "–",
+              _value(r, r.base_median) if r.base_median is not None else r.base_status,
+              _value(r, r.new_median) if r.new_median is not None else r.new_status,
+              (f"{r.ratio:.4f}×" if r.method == "instructions" else
+               f"{fmt_ratio(r.ratio)} [{fmt_ratio(r.ci[0])}–{fmt_ratio(r.ci[1])}]") if r.ci else "–",
+              fmt_p(r.p_value), f"{r.base_rounds}/{r.new_rounds}" if r.ratio is not None and r.method != "instructions" else "–",
               _verdict_text(r)] for r in rows]
-    out.append(tabulate(table, headers=["layer", "cell", "direction", "base ms", "new ms",
+    out.append(tabulate(table, headers=["layer", "cell", "direction", "base", "new",
                                         f"new/base [{CONFIDENCE:.0%} CI]", "p", "rounds", "verdict"],
                         tablefmt="github", disable_numparse=True))
     details = [r for r in rows if r.message and r.verdict not in ("same", "slower", "faster")]
+    # (inconclusive rows say there why they could not fail)
     if details:
         out.append("")
         out.extend(f"- {r.layer} {r.direction} ({_cell_text(r)}): {r.verdict}: {r.message}" for r in details)
@@ -154,8 +163,13 @@ def _methods_text(comparison: Comparison) -> str:
                    "counts.")
     if "samples" in methods:
         out.append("Rows with one process a side compare the samples (Mann–Whitney U; bootstrap interval of the "
-                   "ratio of medians): that tells whether the two processes differed, not whether the code did; "
-                   "for a gate, measure both revisions with `python -m bench ab`.")
+                   "ratio of medians): that tells whether the two processes differed, not whether the code did, so "
+                   f"such a row (like one whose samples the machine disturbed) fails only beyond "
+                   f"{PROCESS_NOISE_BOUND:g}× and is **inconclusive** below; for a gate, measure both revisions with "
+                   "`python -m bench ab`.")
+    if "instructions" in methods:
+        out.append("Rows counted in instructions (callgrind) compare two deterministic counts: slower beyond the "
+                   "threshold, no interval needed.")
     return " ".join(out)
 
 

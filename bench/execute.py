@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .measure import TimingPolicy
+from .zygote import Zygote, ZygoteError
 from .runs import ROOT, append_record
 from .sweep import Cell, SweepConfig
 
@@ -67,23 +68,108 @@ def assemble(cell: Cell, messages: list[dict[str, Any]], directions: Iterable[st
     return record
 
 
+def _process_median(samples: list[float]) -> float:
+    v = sorted(samples)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+
+
+def merge_processes(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One results record from a cell's records measured in several worker processes.
+
+    The process is the unit of evidence (a process is lucky or unlucky as a whole; see
+    ``bench/regression.py``): per direction the record keeps every process's samples, in order,
+    with ``round_sizes`` saying how many each contributed, and ``process_medians_ms``; its
+    ``median_ms`` is the median of the process medians and ``process_min_ms``/``process_max_ms``
+    their spread (``p20_ms``/``p80_ms``, ``mean_ms``, ``std_ms`` stay statistics of all samples).
+    A direction is ``unstable`` when at least half of its processes were, since then the median
+    over processes may itself be the machine's. A direction that failed in any process takes the
+    most telling failure's status and message.
+    """
+    from .stats import Measurement
+
+    if len(records) == 1:
+        return records[0]
+    merged = {k: v for k, v in records[-1].items() if k != "directions"}
+    merged["processes"] = len(records)
+    merged["directions"] = {}
+    names = list(dict.fromkeys(d for r in records for d in r.get("directions", {})))
+    for name in names:
+        ds = [r["directions"].get(name, {"status": "error", "message": "not measured in this process"})
+              for r in records]
+        if all(d.get("status") == "ok" and d.get("samples_ms") for d in ds):
+            samples = [s for d in ds for s in d["samples_ms"]]
+            medians = [_process_median(d["samples_ms"]) for d in ds]
+            firsts = sorted(d["first_call_ms"] for d in ds if d.get("first_call_ms") is not None)
+            mems = [d["peak_mem_bytes"] for d in ds if d.get("peak_mem_bytes") is not None]
+            unstable = [d for d in ds if d.get("unstable")]
+            out = {
+                **ds[-1], "samples_ms": samples, "round_sizes": [len(d["samples_ms"]) for d in ds],
+                **Measurement(samples).summary(),
+                "median_ms": _process_median(medians), "process_medians_ms": medians,
+                "process_min_ms": min(medians), "process_max_ms": max(medians), "processes": len(ds),
+                "first_call_ms": firsts[len(firsts) // 2] if firsts else None,
+                "peak_mem_bytes": max(mems) if mems else None,
+                "usage": [d.get("usage") for d in ds],
+                "unstable": 2 * len(unstable) >= len(ds),
+                "unstable_processes": len(unstable),
+            }
+            out.pop("unstable_reasons", None)
+            if unstable:  # the first unstable process's reasons stand for the others
+                out["unstable_reasons"] = list(unstable[0].get("unstable_reasons", []))
+            merged["directions"][name] = out
+        else:
+            worst = min(ds, key=lambda d: _STATUS_PRIORITY.index(d.get("status", "error"))
+                        if d.get("status", "error") in _STATUS_PRIORITY else 0)
+            merged["directions"][name] = {**worst, "processes_ok": sum(d.get("status") == "ok" for d in ds)}
+    statuses = [d["status"] for d in merged["directions"].values()] or [records[-1].get("status", "error")]
+    merged["status"] = min(statuses, key=lambda s: _STATUS_PRIORITY.index(s) if s in _STATUS_PRIORITY else 0)
+    bad = [d.get("message") for d in merged["directions"].values() if d["status"] == merged["status"]]
+    merged["message"] = next((m for m in bad if m), records[-1].get("message", ""))
+    return merged
+
+
+def measure_processes(cell: Cell, config: SweepConfig, zygote: Any = None) -> dict[str, Any]:
+    """``cell`` measured in ``config.processes`` fresh worker processes, one after another, merged
+    (:func:`merge_processes`). A cell that does not come out ``ok`` in its first process is not
+    measured again: repeating an error or a timeout only costs time."""
+    records = []
+    for i in range(max(1, config.processes)):
+        record = run_isolated(cell, config, zygote=zygote)
+        records.append(record)
+        if i == 0 and record.get("status") != "ok":
+            break
+    return merge_processes(records)
+
+
 def _request(cell: Cell, config: SweepConfig) -> dict[str, Any]:
     return {"cell": asdict(cell), "policy": asdict(policy_of(config)), "seed": config.seed,
             "threads": config.threads, "directions": list(config.directions)}
 
 
-def run_isolated(cell: Cell, config: SweepConfig, root: Path | None = None) -> dict[str, Any]:
-    """Measure ``cell`` in a fresh ``python -m bench.worker`` process, killed after ``config.timeout``.
+def worker_env(root: Path) -> dict[str, str]:
+    """The environment of a worker running ``root``'s code."""
+    env = dict(os.environ)
+    # The worker must run that very code, installed or not: its tree goes first on the path, and
+    # it starts in that tree, because `python -m` puts the working directory before PYTHONPATH.
+    env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def run_isolated(cell: Cell, config: SweepConfig, root: Path | None = None, zygote: Any = None) -> dict[str, Any]:
+    """Measure ``cell`` in a fresh worker process, killed (with its process group) after
+    ``config.timeout``: forked from ``zygote`` (a :class:`bench.zygote.Zygote` of this tree)
+    when given, else a new ``python -m bench.worker`` process.
 
     ``root``: the code tree whose ``bench`` and ``layers`` the worker imports (default: this
     one, :data:`bench.runs.ROOT`). ``bench ab`` passes a checkout of another revision; that
     revision's worker must accept this revision's request (see ``bench/ab.py``).
     """
+    if zygote is not None:
+        messages, returncode, timed_out, err = zygote.run(_request(cell, config), config.timeout)
+        return _record_of(cell, config, messages, returncode, timed_out, err)
     root = Path(root) if root is not None else ROOT
-    env = dict(os.environ)
-    # The worker must run that very code, installed or not: its tree goes first on the path, and
-    # it starts in that tree, because `python -m` puts the working directory before PYTHONPATH.
-    env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
+    env = worker_env(root)
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, env=env, cwd=root,
@@ -106,14 +192,21 @@ def run_isolated(cell: Cell, config: SweepConfig, root: Path | None = None) -> d
             messages.append(json.loads(line))
         except json.JSONDecodeError:
             continue
+    return _record_of(cell, config, messages, proc.returncode, timed_out, err)
+
+
+def _record_of(cell: Cell, config: SweepConfig, messages: list[dict[str, Any]], returncode: int | None,
+               timed_out: bool, err: str) -> dict[str, Any]:
+    """A cell's record from what its worker reported and how it ended."""
+    messages = [m for m in messages if isinstance(m, dict)]
     finished = any(m.get("type") == "cell" for m in messages)
     if timed_out:
         status, message = "timeout", f"cell exceeded --timeout {config.timeout:g} s"
-    elif proc.returncode == -signal.SIGKILL:
+    elif returncode == -signal.SIGKILL:
         status, message = "oom", "worker was killed by SIGKILL, most likely by the out-of-memory killer"
-    elif proc.returncode != 0 or not finished:
+    elif returncode != 0 or not finished:
         last = next((ln for ln in reversed(err.strip().splitlines()) if ln.strip()), "")
-        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
+        how = f"signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
         status, message = "error", f"worker died ({how}): {last}"
     else:
         status, message = "error", "worker did not report this direction"
@@ -173,18 +266,79 @@ def run_cells(cells: list[Cell], config: SweepConfig, run_dir: Path, done: set[s
     Returns the number of cells measured. ``KeyboardInterrupt`` propagates after the cell in
     flight is abandoned (everything finished before it is already on disk).
     """
+    if config.metric == "instructions":
+        return _count_cells(cells, config, run_dir, done, on_done)
     measured = 0
-    for cell in cells:
-        if cell.key() in done:
-            continue
-        if on_start:
-            on_start(cell)
-        record = precheck(cell, config.directions)
-        if record is None:
-            record = run_isolated(cell, config) if config.isolate else run_in_process(cell, config)
+    zygote = None
+    try:
+        for cell in cells:
+            if cell.key() in done:
+                continue
+            if on_start:
+                on_start(cell)
+            record = precheck(cell, config.directions)
+            if record is None and config.isolate:
+                if zygote is None:
+                    zygote = _start_zygote()
+                try:
+                    record = measure_processes(cell, config, zygote or None)
+                except ZygoteError as exc:
+                    print(f"note: {exc}; measuring the remaining cells in new interpreter processes",
+                          file=sys.stderr)
+                    zygote.close()
+                    zygote = False
+                    record = measure_processes(cell, config)
+            elif record is None:
+                record = run_in_process(cell, config)
+            append_record(run_dir, record)
+            done.add(cell.key())
+            measured += 1
+            if on_done:
+                on_done(cell, record)
+    finally:
+        if zygote:
+            zygote.close()
+    return measured
+
+
+def _start_zygote():
+    """A fork server of this tree (``bench/zygote.py``), or False (with a note) where none starts."""
+    if not hasattr(os, "fork"):
+        return False
+    try:
+        return Zygote(ROOT, worker_env(ROOT))
+    except ZygoteError as exc:
+        print(f"note: {exc}; measuring in new interpreter processes instead", file=sys.stderr)
+        return False
+
+
+def _count_cells(cells: list[Cell], config: SweepConfig, run_dir: Path, done: set[str],
+                 on_done: Callable[[Cell, dict[str, Any]], None] | None) -> int:
+    """``--metric instructions``: every cell in one callgrind process (bench/instructions.py)."""
+    from .instructions import count_cells
+
+    todo: list[Cell] = []
+    by_key: dict[str, Cell] = {}
+    measured = 0
+
+    def finish(cell: Cell, record: dict[str, Any]) -> None:
+        nonlocal measured
         append_record(run_dir, record)
         done.add(cell.key())
         measured += 1
         if on_done:
             on_done(cell, record)
+
+    for cell in cells:
+        if cell.key() in done:
+            continue
+        record = precheck(cell, config.directions)
+        if record is not None:
+            record["metric"] = "instructions"
+            finish(cell, record)
+        else:
+            todo.append(cell)
+            by_key[cell.key()] = cell
+    count_cells(todo, config.directions, lambda rec: finish(by_key[rec["key"]], rec), timeout=config.timeout,
+                seed=config.seed)
     return measured

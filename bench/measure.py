@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import time
 import traceback
 from collections.abc import Callable
@@ -49,6 +50,109 @@ MIN_SAMPLES = 3
 
 
 # ---------------------------------------------------------------------------------------------
+# Was the machine quiet? (each direction's usage while its samples were taken)
+
+OFF_CPU_BOUND = 0.2
+"""A timed call is *disturbed* when the threads of its process spent more than this share of
+its wall time waiting for a CPU (runnable but not running: Linux's schedstat, which is the part
+of "wall time minus CPU time" that the machine, not the code, caused — a call that sleeps or
+waits for I/O on purpose is not counted). A CPU direction is ``unstable`` when at least
+:data:`DISTURBED_SHARE` of its calls were disturbed, since then its median is a disturbed call.
+On a quiet machine no call waits at all; under a load average of 9 on 2 cores a 0.1 ms call is
+hit about once in 30 calls (by several ms) while its process is off the CPU 70 % of the time —
+the median survives that, so the rule looks at the calls, not at the loop's totals (which are
+recorded too)."""
+
+DISTURBED_SHARE = 0.5
+
+TICKS_MS = (10.0, 4.0, 1.0)
+"""Scheduler ticks of common kernels (HZ = 100, 250, 1000), the coarsest first (a multiple of 4 ms is one of 1 ms too). A descheduled thread resumes at a
+tick, so samples that are whole multiples of one (24.0, 20.0, 28.0 ms for a 0.16 ms call) are the
+scheduler's time slices, not the call's cost."""
+TICK_TOLERANCE = 0.03
+"""A sample within this fraction of a tick of a whole multiple counts as "on the tick"."""
+TICK_SHARE = 0.8
+"""Share of the samples (of at least one tick) that must sit on ticks, over at least two
+different multiples, for a direction to be called tick-quantised: a naturally steady call of
+about 2.00 ms sits on one multiple only, and a call whose time really varies lands on a tick by
+chance for about 2 × 3 % of its samples."""
+
+
+def tick_quantised(samples_ms: list[float]) -> float | None:
+    """The scheduler tick (ms) the samples are quantised at, or None."""
+    for tick in TICKS_MS:
+        long = [s for s in samples_ms if s >= tick * (1 - TICK_TOLERANCE)]
+        if len(long) < 5 or len(long) < 0.5 * len(samples_ms):
+            continue
+        multiples = [round(s / tick) for s in long]
+        on = [m for s, m in zip(long, multiples) if abs(s - m * tick) <= TICK_TOLERANCE * tick]
+        if len(on) >= TICK_SHARE * len(long) and len(set(on)) >= 2:
+            return tick
+    return None
+
+
+class WaitMeter:
+    """Nanoseconds this process's threads have spent runnable but not running, read from
+    ``/proc/self/task/*/schedstat`` through descriptors opened once (about 2 µs a thread per
+    read). ``available`` is False where there is no schedstat (not Linux)."""
+
+    def __init__(self):
+        self.fds: list[int] = []
+        try:
+            for task in os.scandir("/proc/self/task"):
+                self.fds.append(os.open(f"{task.path}/schedstat", os.O_RDONLY))
+            self.read()
+        except (OSError, ValueError, IndexError):
+            self.close()
+
+    @property
+    def available(self) -> bool:
+        return bool(self.fds)
+
+    def read(self) -> int:
+        return sum(int(os.pread(fd, 128, 0).split()[1]) for fd in self.fds)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds = []
+
+
+class Usage:
+    """Wall time, CPU time (process and measuring thread) and involuntary context switches
+    between two points (``getrusage``)."""
+
+    def __init__(self):
+        self.wall = time.perf_counter()
+        self.thread_cpu = time.thread_time()
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        self.cpu = ru.ru_utime + ru.ru_stime
+        self.nivcsw = ru.ru_nivcsw
+
+    def since(self, start: "Usage") -> dict[str, Any]:
+        return {"wall_s": self.wall - start.wall, "cpu_s": self.cpu - start.cpu,
+                "thread_cpu_s": self.thread_cpu - start.thread_cpu,
+                "involuntary_switches": self.nivcsw - start.nivcsw}
+
+
+def unstable_reasons(samples_ms: list[float], usage: dict[str, Any], device: str) -> list[str]:
+    """Why these samples measure the machine rather than the code (empty: no sign of it)."""
+    if device != "cpu":
+        return []
+    reasons = []
+    disturbed, n = usage.get("disturbed_calls"), len(samples_ms)
+    if disturbed is not None and n and disturbed >= DISTURBED_SHARE * n:
+        reasons.append(f"{disturbed} of {n} calls waited for a CPU for over {OFF_CPU_BOUND:.0%} of their time")
+    tick = tick_quantised(samples_ms)
+    if tick is not None:
+        reasons.append(f"the samples are whole multiples of the {tick:g} ms scheduler tick")
+    return reasons
+
+
+# ---------------------------------------------------------------------------------------------
 # Timing
 
 
@@ -83,22 +187,46 @@ class _Clock:
 
 
 def time_call(fn: Callable[[], Any], clock: _Clock, policy: TimingPolicy) -> Measurement:
-    """Warm up, then sample ``fn`` until the policy is satisfied. Every sample is kept."""
+    """Warm up, then sample ``fn`` until the policy is satisfied. Every sample is kept, with
+    what the process did meanwhile (``Measurement.usage``: :class:`Usage` over the sampling,
+    the run-queue wait of its threads and the number of disturbed calls; see :data:`OFF_CPU_BOUND`)."""
     t_start = time.perf_counter()
     calls = 0
     while calls < policy.warmup or time.perf_counter() - t_start < policy.warmup_time:
         clock(fn)
         calls += 1
     samples: list[float] = []
-    t_start = time.perf_counter()
-    while True:
-        samples.append(clock(fn))
-        elapsed = time.perf_counter() - t_start
-        n = len(samples)
-        if (n >= policy.repeat and elapsed >= policy.min_time) or n >= policy.max_samples \
-                or (n >= MIN_SAMPLES and elapsed >= policy.max_time):
-            break
-    return Measurement(samples)
+    meter = WaitMeter() if not clock.cuda else None
+    metered = meter is not None and meter.available
+    waited_ns, disturbed = 0, 0
+    before = Usage()
+    t_start = before.wall
+    try:
+        while True:
+            if metered:
+                # The reads bracket the timed interval from outside, so they cost the sample nothing.
+                w0 = meter.read()
+                sample = clock(fn)
+                wait = meter.read() - w0
+                waited_ns += wait
+                disturbed += wait > OFF_CPU_BOUND * sample * 1e6
+            else:
+                sample = clock(fn)
+            samples.append(sample)
+            elapsed = time.perf_counter() - t_start
+            n = len(samples)
+            if (n >= policy.repeat and elapsed >= policy.min_time) or n >= policy.max_samples \
+                    or (n >= MIN_SAMPLES and elapsed >= policy.max_time):
+                break
+    finally:
+        if meter is not None:
+            meter.close()
+    usage = Usage().since(before)
+    usage["timed_s"] = sum(samples) / 1e3
+    if metered:
+        usage["runqueue_wait_s"] = waited_ns / 1e9
+        usage["disturbed_calls"] = disturbed
+    return Measurement(samples, usage)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,6 +473,13 @@ def _model_subject(cell: Cell, device: torch.device, dtype: torch.dtype) -> _Sub
                     {"model": model.describe(), "mixing_used": list(model.mixing_used)})
 
 
+def build_subject(cell: Cell, device: torch.device, dtype: torch.dtype) -> _Subject:
+    """The module, the call of each direction and the round trip of ``cell`` (also used by the
+    instruction counter, ``bench/count_worker.py``)."""
+    build = _model_subject if cell.scope == "model" else _layer_subject
+    return build(cell, device, dtype)
+
+
 def measure_cell(cell: Cell, policy: TimingPolicy, emit: Emit, *, seed: int = 0, threads: int | None = None,
                  directions: tuple[str, ...] = DIRECTIONS) -> None:
     """Measure every direction of ``cell``, calling ``emit`` once per direction, then once with
@@ -358,8 +493,7 @@ def measure_cell(cell: Cell, policy: TimingPolicy, emit: Emit, *, seed: int = 0,
     try:
         check_cell(cell)
         dtype = _dtype(cell.dtype)
-        build = _model_subject if cell.scope == "model" else _layer_subject
-        subject = build(cell, device, dtype)
+        subject = build_subject(cell, device, dtype)
     except Exception as exc:  # noqa: BLE001 - recorded as the cell's status
         final["status"], final["message"] = classify_exception(exc)
         final["traceback"] = traceback.format_exc(limit=8)
@@ -387,6 +521,11 @@ def measure_cell(cell: Cell, policy: TimingPolicy, emit: Emit, *, seed: int = 0,
             m = time_call(fns[direction], clock, policy)
             record["samples_ms"] = m.samples_ms
             record.update(m.summary())
+            record["usage"] = m.usage
+            reasons = unstable_reasons(m.samples_ms, m.usage, device.type)
+            record["unstable"] = bool(reasons)
+            if reasons:
+                record["unstable_reasons"] = reasons
             record["status"] = "ok" if finite else "nonfinite"
             if not finite:
                 record["message"] = "output contains NaN or Inf"

@@ -37,6 +37,19 @@ METRIC_TITLES = {
 AXIS_TITLES = {"input_size": "input size", "batch": "batch", "kernel_size": "kernel size", "channels": "channels"}
 
 NO_KERNEL_MARK = "‡"
+UNSTABLE_MARK = "⚠"
+"""Beside a time whose samples the machine disturbed (``unstable`` in the record: see
+``bench/measure.py``): shown, never silently dropped, never presented as the code's cost."""
+
+
+def fmt_count(v: float | None) -> str:
+    """An instruction count: ``1.17 M``, ``842 k``."""
+    if v is None:
+        return "–"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= scale:
+            return f"{v / scale:.3g} {unit}"
+    return f"{v:.0f}"
 
 
 @dataclass
@@ -121,10 +134,16 @@ def _cell_text(record: dict[str, Any], metric: str, direction: str | None) -> st
         return fmt_params(value) if metric == "params" else fmt_error(value)
     d = record["directions"].get(direction, {})
     status = d.get("status", "missing")
+    if status == "ok" and d.get("instructions") is not None:
+        return f"{fmt_count(d['instructions'])} instr" if metric in ("median", "mean") else "–"
     if status not in ("ok", "nonfinite") or d.get("median_ms") is None:
         return status
     mark = " (nonfinite)" if status == "nonfinite" else ""
+    if d.get("unstable") and metric in ("median", "mean"):
+        mark += f" {UNSTABLE_MARK}"
     if metric == "median":
+        if d.get("process_min_ms") is not None:  # several processes: their medians' spread
+            return f"{fmt_ms(d['median_ms'])} [{fmt_ms(d['process_min_ms'])}–{fmt_ms(d['process_max_ms'])}]{mark}"
         return f"{fmt_ms(d['median_ms'])} [{fmt_ms(d['p20_ms'])}–{fmt_ms(d['p80_ms'])}]{mark}"
     if metric == "mean":
         return f"{fmt_ms(d['mean_ms'])} ± {fmt_ms(d['std_ms'])}{mark}"
@@ -161,9 +180,15 @@ def build_table(records: list[dict[str, Any]], sweep: list[str], metric: str, di
             status, msg = r["directions"].get(direction, {}).get("status"), r["directions"].get(direction, {}).get("message")
         else:  # params / recon error: only a failure to build or to run the round trip matters
             status, msg = (r.get("status"), r.get("message")) if r.get(metric) is None else (None, None)
+        where = "" if column is None or targets != [_axis_value(c, column)] else f" {AXIS_TITLES[column]}={targets[0]}"
         if status in ("error", "oom", "timeout", "nonfinite") and msg:
-            where = "" if column is None or targets != [_axis_value(c, column)] else f" {AXIS_TITLES[column]}={targets[0]}"
             notes.append(f"{' '.join(label)}{where}: {status}: {msg}")
+        d = r["directions"].get(direction, {}) if direction else {}
+        if d.get("unstable") and metric in ("median", "mean"):
+            why = "; ".join(d.get("unstable_reasons", [])) or "disturbed by the machine"
+            n = d.get("processes")
+            notes.append(f"{UNSTABLE_MARK} {' '.join(label)}{where}: unstable"
+                         + (f" in {d.get('unstable_processes')} of {n} processes" if n else "") + f": {why}")
     headers = ["layer"] + [AXIS_TITLES[a] for a in row_axes]
     headers += [str(v) for v in col_values] if column else [METRIC_TITLES[metric].split(",")[0]]
     rows = []
@@ -172,6 +197,13 @@ def build_table(records: list[dict[str, Any]], sweep: list[str], metric: str, di
     if no_kernel:
         notes.insert(0, f"{NO_KERNEL_MARK} kernel size does not apply to this layer: one measurement, shown in every column.")
     title = METRIC_TITLES[metric]
+    if metric == "median" and direction and any(r["directions"].get(direction, {}).get("process_min_ms") is not None
+                                                 for r in records):
+        title = "time in ms, median over processes [smallest–largest process median]"
+    if direction and all(r["directions"].get(direction, {}).get("instructions") is not None for r in records
+                         if r["directions"].get(direction, {}).get("status") == "ok") and \
+            any(r["directions"].get(direction, {}).get("instructions") is not None for r in records):
+        title = "instructions per call (callgrind)" if metric in ("median", "mean") else title
     if direction:
         titles = MODEL_DIRECTION_TITLES if any(r["cell"].get("scope") == "model" for r in records) else DIRECTION_TITLES
         title = f"{titles[direction]} — {title}"
@@ -225,6 +257,7 @@ def describe_run(config: dict[str, Any], env: dict[str, Any] | None) -> list[str
     fixed = [f"{axis_titles[a]} {_fmt_values(config['values'][a])}" for a in AXES
              if a not in config.get("sweep", []) and len(config["values"][a]) == 1]
     lines = [
+        *_busy_warning(env),
         f"Device: {device} ({hw}), dtype {config['dtype']}, torch {env.get('torch', {}).get('version', '?')}, "
         f"{threads} CPU threads.",
         f"Swept: {', '.join(AXIS_TITLES[a] for a in config.get('sweep', [])) or 'nothing'}; "
@@ -232,8 +265,7 @@ def describe_run(config: dict[str, Any], env: dict[str, Any] | None) -> list[str
         f"Code: {git.get('short') or 'unknown'}{' (dirty)' if git.get('dirty') else ''}; "
         f"solver: {_solver_text(env, device)}.",
         *([_describe_model(config)] if model_scope else []),
-        "Timing: median of ≥ {r} samples and ≥ {t:g} s after ≥ {w} warm-up calls and ≥ {wt:g} s; "
-        "band p20–p80.".format(r=config["repeat"], t=config["min_time"], w=config["warmup"], wt=config["warmup_time"]),
+        _describe_timing(config),
     ]
     if device == "cuda":
         lines.append("Memory: peak bytes allocated by torch above the allocation before the call (the CUDA "
@@ -243,6 +275,39 @@ def describe_run(config: dict[str, Any], env: dict[str, Any] | None) -> list[str
                      + (" (isolated process per cell)." if config.get("isolate", True) else
                         " (--no-isolate: earlier cells' freed memory may be reused, so this can under-report)."))
     return lines
+
+
+BUSY_LOAD_SHARE = 0.5
+"""The run header warns when the 1-minute load average exceeded this share of the CPUs at the
+start of the run, or that plus one (the run's own worker) at its end."""
+
+
+def _busy_warning(env: dict[str, Any]) -> list[str]:
+    load = env.get("load_average") or {}
+    cpus = (env.get("cpu") or {}).get("logical_cpus") or 1
+    start, end = load.get("start"), load.get("end")
+    busy = (start is not None and start > BUSY_LOAD_SHARE * cpus) or \
+        (end is not None and end > BUSY_LOAD_SHARE * cpus + 1)
+    if not busy:
+        return []
+    at = ", ".join(f"{v:.1f} at the {k}" for k, v in (("start", start), ("end", end)) if v is not None)
+    return [f"Warning: the machine was busy (1-minute load average {at}, on {cpus} CPUs): times are noisier than "
+            f"on a quiet machine; {UNSTABLE_MARK} marks the directions whose samples were visibly disturbed."]
+
+
+def _describe_timing(config: dict[str, Any]) -> str:
+    if config.get("metric") == "instructions":
+        from .instructions import CALLS, DUMPS, WARMUP_CALLS
+
+        return (f"Metric: instructions executed per call under valgrind's callgrind (median of {DUMPS} counts of "
+                f"{CALLS} calls after {WARMUP_CALLS} warm-up calls, every cell in one process), not time.")
+    per = "≥ {r} samples and ≥ {t:g} s after ≥ {w} warm-up calls and ≥ {wt:g} s".format(
+        r=config["repeat"], t=config["min_time"], w=config["warmup"], wt=config["warmup_time"])
+    processes = config.get("processes") or 1
+    if processes > 1:
+        return (f"Timing: {processes} fresh worker processes per cell, each taking {per}; shown: the median over "
+                "processes [the smallest–largest process median].")
+    return f"Timing: median of {per}; band p20–p80."
 
 
 def _describe_model(config: dict[str, Any]) -> str:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -17,6 +18,7 @@ class Measurement:
     """Raw samples (milliseconds) of one timed call, with lazily computed statistics."""
 
     samples_ms: list[float]
+    usage: dict[str, Any] = field(default_factory=dict)  # what the process did meanwhile (measure.Usage)
 
     @property
     def n(self) -> int:

@@ -29,6 +29,7 @@ FIXED_GPU: dict[str, int] = {"input_size": 32, "batch": 100, "kernel_size": 3, "
 FIXED_CPU: dict[str, int] = {"input_size": 32, "batch": 8, "kernel_size": 3, "channels": 12}
 
 DIRECTIONS = ("forward", "sampling", "train")
+METRICS = ("time", "instructions")
 
 
 SCOPES = ("layer", "model")
@@ -110,6 +111,8 @@ class SweepConfig:
     scope: str = "layer"  # "layer" or "model"; configs written before model cells exist are layer sweeps
     model: dict[str, Any] = field(default_factory=dict)  # model scope: levels, steps, hidden_width, mixing
     preset: dict[str, Any] | None = None  # the preset this run came from: name, paper table, quick, notes
+    processes: int = 1  # worker processes per cell (runs written before --processes had one)
+    metric: str = "time"  # "time", or "instructions" (counted under callgrind: bench/instructions.py)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -2,7 +2,8 @@
 
 Reads one JSON request on stdin, measures the cell, and writes one JSON line per finished
 direction and a final line for the cell on the protocol stream (the original stdout). Anything
-the measured code prints goes to stderr instead, so it cannot corrupt the protocol.
+the measured code prints goes to stderr instead, so it cannot corrupt the protocol. The children
+of the fork server (``bench/zygote.py``) run the same :func:`measure_request`.
 """
 
 from __future__ import annotations
@@ -10,20 +11,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 
 
-def main() -> int:
-    protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-
-    request = json.load(sys.stdin)
-
+def measure_request(request: dict, emit: Callable[[dict], None]) -> None:
     from .measure import TimingPolicy, measure_cell
     from .sweep import Cell
-
-    def emit(record: dict) -> None:
-        protocol.write(json.dumps(record) + "\n")
-        protocol.flush()
 
     measure_cell(
         Cell.from_dict(request["cell"]),
@@ -33,6 +26,19 @@ def main() -> int:
         threads=request.get("threads"),
         directions=tuple(request.get("directions", ("forward", "sampling", "train"))),
     )
+
+
+def main() -> int:
+    protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+    request = json.load(sys.stdin)
+
+    def emit(record: dict) -> None:
+        protocol.write(json.dumps(record) + "\n")
+        protocol.flush()
+
+    measure_request(request, emit)
     return 0
 
 

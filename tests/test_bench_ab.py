@@ -172,6 +172,8 @@ def test_merge_rounds_keeps_every_sample_and_the_worst_status():
     m = merge_rounds([r1, r2])
     fwd = m["directions"]["forward"]
     assert fwd["samples_ms"] == [1.0, 2.0, 3.0, 4.0, 5.0] and fwd["round_sizes"] == [3, 2]
-    assert fwd["median_ms"] == 3.0 and fwd["n"] == 5 and fwd["peak_mem_bytes"] == 300
+    # The median over processes: of the round medians 2.0 and 4.5.
+    assert fwd["median_ms"] == 3.25 and fwd["n"] == 5 and fwd["peak_mem_bytes"] == 300
+    assert fwd["process_medians_ms"] == [2.0, 4.5] and fwd["process_min_ms"] == 2.0
     assert m["directions"]["train"]["status"] == "timeout" and m["directions"]["train"]["rounds_ok"] == 1
     assert m["status"] == "timeout" and m["rounds"] == 2 and m["message"] == "cell exceeded"

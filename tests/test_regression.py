@@ -60,15 +60,24 @@ def write_run(path: Path, records, device="cpu", sha="abc1234"):
     return path
 
 
-def pair_of_runs(tmp_path, factor=1.0, seed=0, layers=("glow-1x1", "inverse-flow"), slow="glow-1x1"):
+def _processes(rng, median, processes):
+    """Samples of ``processes`` worker processes (40 each), each process a little faster or slower
+    as a whole, and their round sizes; one process: plain samples, no round sizes."""
+    if processes == 1:
+        return _noisy(rng, median), None
+    parts = [_noisy(rng, median * rng.lognormal(0.0, 0.05), n=40) for _ in range(processes)]
+    return np.concatenate(parts), [40] * processes
+
+
+def pair_of_runs(tmp_path, factor=1.0, seed=0, layers=("glow-1x1", "inverse-flow"), slow="glow-1x1", processes=1):
     rng = np.random.default_rng(seed)
     base, new = [], []
     for layer in layers:
         cell = _cell(layer)
         dirs_b, dirs_n = {}, {}
         for direction, median in (("forward", 0.3), ("sampling", 0.4), ("train", 1.0)):
-            dirs_b[direction] = _direction(_noisy(rng, median))
-            dirs_n[direction] = _direction(_noisy(rng, median * (factor if layer == slow else 1.0)))
+            dirs_b[direction] = _direction(*_processes(rng, median, processes))
+            dirs_n[direction] = _direction(*_processes(rng, median * (factor if layer == slow else 1.0), processes))
         base.append(_record(cell, dirs_b))
         new.append(_record(cell, dirs_n))
     return write_run(tmp_path / "base", base), write_run(tmp_path / "new", new, sha="def5678")
@@ -169,8 +178,17 @@ def test_slower_needs_the_whole_interval_beyond_the_threshold():
     # +12 %: clearly significant with 200 samples each, but under a 25 % threshold.
     out = regression.compare_samples(b, Samples.of(_noisy(rng, 1.12)), 0.25)
     assert out["significant"] and out["verdict"] == "same"
-    assert regression.compare_samples(b, Samples.of(_noisy(rng, 2.0)), 0.25)["verdict"] == "slower"
+    # One process a side: a 2× shift is within what process-to-process noise produces here, so it
+    # cannot fail ("inconclusive"); beyond PROCESS_NOISE_BOUND it can.
+    assert regression.compare_samples(b, Samples.of(_noisy(rng, 2.0)), 0.25)["verdict"] == "inconclusive"
+    assert regression.compare_samples(b, Samples.of(_noisy(rng, 5.0)), 0.25)["verdict"] == "slower"
     assert regression.compare_samples(b, Samples.of(_noisy(rng, 0.5)), 0.25)["verdict"] == "faster"
+    # Five processes a side: the spread between processes is measured, and 2× fails.
+    bp = Samples.of(*_processes(rng, 1.0, 5))
+    assert regression.compare_samples(bp, Samples.of(*_processes(rng, 2.0, 5)), 0.25)["verdict"] == "slower"
+    # ... unless a side's samples were disturbed by the machine.
+    assert regression.compare_samples(bp, Samples.of(*_processes(rng, 2.0, 5)), 0.25,
+                                      unstable=True)["verdict"] == "inconclusive"
 
 
 def test_default_threshold_depends_on_the_device():
@@ -178,8 +196,8 @@ def test_default_threshold_depends_on_the_device():
     records = {}
     for device in ("cpu", "cuda"):
         cell = _cell("glow-1x1", device)
-        b = _record(cell, {"forward": _direction(rng.normal(1.0, 0.01, 100))})
-        n = _record(cell, {"forward": _direction(rng.normal(1.18, 0.01, 100))})
+        b = _record(cell, {"forward": _direction(rng.normal(1.0, 0.01, 100), [20] * 5)})
+        n = _record(cell, {"forward": _direction(rng.normal(1.18, 0.01, 100), [20] * 5)})
         records[device] = compare_records([b], [n]).rows[0]
     assert records["cuda"].verdict == "slower" and records["cuda"].threshold == 0.10
     assert records["cpu"].verdict == "same" and records["cpu"].threshold == 0.25
@@ -224,7 +242,7 @@ def test_compare_identical_runs_pass(tmp_path):
 
 
 def test_compare_fails_on_a_2x_slowdown_naming_layer_cell_and_ratio(tmp_path):
-    base, new = pair_of_runs(tmp_path, factor=2.0)
+    base, new = pair_of_runs(tmp_path, factor=2.0, processes=5)
     res = bench("compare", str(base), str(new), "--markdown", str(tmp_path / "comment.md"))
     assert res.returncode == 1, res.stderr
     failures = [ln for ln in res.stderr.splitlines() if ln.startswith("REGRESSION:")]
@@ -279,7 +297,7 @@ def test_compare_broken_cell_fails(tmp_path):
 
 
 def test_accepted_regression_passes_and_is_repeated(tmp_path):
-    base, new = pair_of_runs(tmp_path, factor=2.0)
+    base, new = pair_of_runs(tmp_path, factor=2.0, processes=5)
     res = bench("compare", str(base), str(new), "--accept", "glow-1x1 — exact W⁻¹ in float64")
     assert res.returncode == 0, res.stderr
     assert "**Accepted regressions**" in res.stdout and "exact W⁻¹ in float64" in res.stdout
@@ -323,3 +341,52 @@ def test_markers_from_a_commit_message(tmp_path):
     assert markers[0].source.startswith("commit ")
     with pytest.raises(accept.MarkerError):
         accept.from_commit("no-such-rev", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evidence that cannot tell code from process noise, and instruction counts
+
+
+def test_single_process_runs_whose_processes_differ_2x_do_not_fail(tmp_path):
+    # Two `bench run`s of identical code, one process per cell, where one run's processes all ran
+    # in the machine's slow mode (a 2× difference between processes seen on the shared 2-core
+    # machines): every row is inconclusive, none fails.
+    base, new = pair_of_runs(tmp_path, factor=2.0)
+    res = bench("compare", str(base), str(new), "--json", str(tmp_path / "c.json"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert {r["verdict"] for r in rows if r["cell"]["layer"] == "glow-1x1"} == {"inconclusive"}
+    assert "cannot be told from process noise" in res.stdout
+
+
+def test_a_slowdown_beyond_process_noise_fails_even_with_one_process(tmp_path):
+    # E.g. INVCONV_SOLVER=torch against the native solve: tens of times slower.
+    base, new = pair_of_runs(tmp_path, factor=20.0)
+    res = bench("compare", str(base), str(new))
+    assert res.returncode == 1 and res.stderr.count("REGRESSION: glow-1x1") == 3
+
+
+def _counted(cell, instructions):
+    rec = _record(cell, {"forward": {"status": "ok", "instructions": instructions, "calls": 3}})
+    rec["metric"] = "instructions"
+    return rec
+
+
+def test_instruction_counts_compare_without_statistics():
+    cell = _cell("inverse-flow")
+    same = compare_records([_counted(cell, 1_000_000)], [_counted(cell, 1_004_000)]).rows[0]
+    assert same.verdict == "same" and same.method == "instructions" and same.threshold == 0.03
+    slower = compare_records([_counted(cell, 1_000_000)], [_counted(cell, 1_050_000)]).rows[0]
+    assert slower.verdict == "slower" and slower.failing and slower.ratio == pytest.approx(1.05)
+    mixed = compare_records([_counted(cell, 1_000_000)], [_record(cell, {"forward": _direction([1.0] * 5)})]).rows[0]
+    assert mixed.verdict == "not compared" and "instructions" in mixed.message
+
+
+def test_compare_names_an_instruction_regression(tmp_path):
+    cell = _cell("inverse-flow")
+    base = write_run(tmp_path / "b", [_counted(cell, 1_000_000)])
+    new = write_run(tmp_path / "n", [_counted(cell, 1_060_000)], sha="def5678")
+    res = bench("compare", str(base), str(new))
+    assert res.returncode == 1
+    line = next(ln for ln in res.stderr.splitlines() if ln.startswith("REGRESSION:"))
+    assert "inverse-flow forward, cell inverse-flow B=8 C=12 16x16 k=3" in line and "+6 % instructions" in line

@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.no_isolate:
         raise UsageError("--no-isolate: bench ab measures every cell in a worker process of its own revision")
-    if args.rounds < 2:
+    if args.rounds < 2 and args.metric != "instructions":
         raise UsageError(f"--rounds must be >= 2, got {args.rounds}: the comparison's unit is the worker process, "
                          "and the spread between processes needs at least two a side (default "
                          f"{DEFAULT_ROUNDS})")
@@ -73,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
     from ..report import write_tables
     from ..sweep import expand
     from .compare import describe, report
-    from .run import _progress, resolve_config
+    from .run import resolve_config
 
     try:
         repo = ab.repository()
@@ -84,6 +84,11 @@ def main(args: argparse.Namespace) -> int:
     config = resolve_config(args)
     if config.device == "cpu" and args.threads is None:
         config.threads = 1  # see the module docstring
+    counting = config.metric == "instructions"
+    if counting:
+        from .run import _check_instructions
+
+        _check_instructions(config)
     cells, skipped = ab.split_supported(expand(config), config.directions)
     if not cells:
         raise UsageError("no cell to measure: " + "; ".join(f"{c.label()}: {why}" for c, why in skipped))
@@ -106,25 +111,18 @@ def main(args: argparse.Namespace) -> int:
                                  "pair": str(pair)}
                     runs.write_json(tree.run_dir / runs.ENV, env)
                     runs.write_json(tree.run_dir / runs.CONFIG, config.to_json())
+                how = ("instructions per call under callgrind, one process per revision, both at once" if counting
+                       else f"{args.rounds} rounds × 2 revisions, device {config.device}, "
+                            f"{config.threads or 'default'} thread(s)")
                 print(f"ab: base {args.base} = {commit[:12]} (temporary worktree {base_root}) vs the working tree "
                       f"{runs.ROOT} ({new_env['git'].get('short')}{'-dirty' if new_env['git'].get('dirty') else ''}); "
-                      f"{len(cells)} cells × {args.rounds} rounds × 2 revisions, device {config.device}, "
-                      f"{config.threads or 'default'} thread(s); runs in {pair}", file=sys.stderr)
+                      f"{len(cells)} cells, {how}; runs in {pair}", file=sys.stderr)
                 for cell, why in skipped:
                     print(f"  skipped {cell.label()}: {why}", file=sys.stderr)
-                _warn_if_busy(config.device)
-                if args.rounds < FEW_ROUNDS:
-                    print(f"note: with {args.rounds} rounds a side the interval between processes is very wide; only "
-                          f"a slowdown far beyond the spread between processes can fail (use --rounds "
-                          f"{DEFAULT_ROUNDS} for a gate)", file=sys.stderr)
-                bar = _progress(len(cells) * args.rounds * 2, 0, args.no_progress)
-                try:
-                    ab.measure_interleaved(
-                        cells, config, trees, args.rounds, got,
-                        on_measured=lambda tree, cell, r, rec: (bar.set_postfix_str(
-                            f"round {r + 1} {tree.role} {cell.label()}", refresh=False), bar.update(1)))
-                finally:
-                    bar.close()
+                if counting:
+                    ab.count_trees(cells, config, trees, got)
+                else:
+                    _measure_rounds(args, cells, config, trees, got)
         except KeyboardInterrupt:
             if got and trees:
                 ab.write_merged(trees, got)
@@ -143,7 +141,8 @@ def main(args: argparse.Namespace) -> int:
     comparison = compare_records(base_records, new_records, args.threshold, markers)
     threads = f", {config.threads} CPU thread(s)" if config.device == "cpu" else ""
     notes = [f"Both revisions measured on this machine in {args.rounds} interleaved rounds (one worker process "
-             f"per cell, revision and round){threads}."]
+             f"per cell, revision and round){threads}."] if not counting else [
+        "Both revisions' instructions per call counted under callgrind on this machine (one process per revision)."]
     descs = describe(trees[0].run_dir, base_env), describe(trees[1].run_dir, new_env)
     # The pair folder always gets the reports; --markdown/--json add copies where CI wants them.
     (pair / "comparison.md").write_text(markdown(comparison, *descs, notes))
@@ -156,6 +155,25 @@ def main(args: argparse.Namespace) -> int:
         return 2
     print(f"ab: runs and comparison in {pair}", file=sys.stderr)
     return status
+
+
+def _measure_rounds(args, cells, config, trees, got) -> None:
+    from .. import ab
+    from .run import _progress
+
+    _warn_if_busy(config.device)
+    if args.rounds < FEW_ROUNDS:
+        print(f"note: with {args.rounds} rounds a side the interval between processes is very wide; only "
+              f"a slowdown far beyond the spread between processes can fail (use --rounds "
+              f"{DEFAULT_ROUNDS} for a gate)", file=sys.stderr)
+    bar = _progress(len(cells) * args.rounds * 2, 0, args.no_progress)
+    try:
+        ab.measure_interleaved(
+            cells, config, trees, args.rounds, got,
+            on_measured=lambda tree, cell, r, rec: (bar.set_postfix_str(
+                f"round {r + 1} {tree.role} {cell.label()}", refresh=False), bar.update(1)))
+    finally:
+        bar.close()
 
 
 def _warn_if_busy(device: str) -> None:
