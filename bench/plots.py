@@ -25,19 +25,22 @@ def _series(records: list[dict[str, Any]], column: str, row_axes: list[str], dir
     """{label: [(x, y, lo, hi)]} plus {label: (y, lo, hi)} for layers without a kernel size."""
     lines: dict[str, list[tuple[float, float, float, float]]] = {}
     flat: dict[str, tuple[float, float, float]] = {}
+    unstable: list[tuple[dict[str, Any], float]] = []
     for r in records:
         c = r["cell"]
         d = r["directions"].get(direction, {})
         if d.get("status") != "ok":
             continue
         if metric == "time":
-            y, lo, hi = d.get("median_ms"), d.get("p20_ms"), d.get("p80_ms")
+            y, lo, hi = _time_band(d)
         else:
             y = d.get("peak_mem_bytes")
             y = None if y is None else y / 2**20
             lo = hi = y
         if y is None:
             continue
+        if metric == "time" and d.get("unstable"):
+            unstable.append((c, y))
         label = " ".join([c["layer"]] + [f"{AXIS_TITLES[a]}={_axis_value(c, a)}" for a in row_axes
                                          if c.get(a) is not None])
         if column == "kernel_size" and c["kernel_size"] is None:
@@ -47,7 +50,17 @@ def _series(records: list[dict[str, Any]], column: str, row_axes: list[str], dir
         if not isinstance(x, (int, float)):
             x = c["height"] * c["width"]  # non-square sizes: plot against pixel count
         lines.setdefault(label, []).append((x, y, lo, hi))
-    return {k: sorted(v) for k, v in lines.items()}, flat
+    marks = [(_axis_value(c, column) if isinstance(_axis_value(c, column), (int, float)) else c["height"] * c["width"], y)
+             for c, y in unstable if not (column == "kernel_size" and c["kernel_size"] is None)]
+    return {k: sorted(v) for k, v in lines.items()}, flat, marks
+
+
+def _time_band(d: dict[str, Any]) -> tuple[float | None, float | None, float | None]:
+    """The median and its band: the smallest–largest process median when several processes
+    measured the cell, else p20–p80 of the samples."""
+    if d.get("process_min_ms") is not None:
+        return d.get("median_ms"), d["process_min_ms"], d["process_max_ms"]
+    return d.get("median_ms"), d.get("p20_ms"), d.get("p80_ms")
 
 
 def plot_run(records: list[dict[str, Any]], sweep: list[str], out_dir: Path, title: str = "") -> list[Path]:
@@ -61,7 +74,9 @@ def plot_run(records: list[dict[str, Any]], sweep: list[str], out_dir: Path, tit
     column, row_axes = layout(records, sweep)
     present = [d for d in DIRECTIONS if any(d in r.get("directions", {}) for r in records)]
     written = []
-    for metric, ylabel, fname in (("time", "time (ms), median with p20–p80", "time.png"),
+    processes = any(d.get("process_min_ms") is not None for r in records for d in r.get("directions", {}).values())
+    band = "median of processes, min–max" if processes else "median with p20–p80"
+    for metric, ylabel, fname in (("time", f"time (ms), {band}", "time.png"),
                                   ("memory", "peak memory (MiB)", "memory.png")):
         fig, axes = plt.subplots(1, len(present), figsize=(5.2 * len(present), 4.2), squeeze=False)
         any_data = False
@@ -69,7 +84,7 @@ def plot_run(records: list[dict[str, Any]], sweep: list[str], out_dir: Path, tit
             if column is None:
                 any_data |= _bars(ax, records, direction, metric)
             else:
-                lines, flat = _series(records, column, row_axes, direction, metric)
+                lines, flat, marks = _series(records, column, row_axes, direction, metric)
                 xs_all = [p[0] for pts in lines.values() for p in pts]
                 ys_all = [p[1] for pts in lines.values() for p in pts] + [v[0] for v in flat.values()]
                 for label, pts in lines.items():
@@ -81,6 +96,10 @@ def plot_run(records: list[dict[str, Any]], sweep: list[str], out_dir: Path, tit
                     if xs_all:
                         ax.fill_between([min(xs_all), max(xs_all)], lo, hi, color=line.get_color(), alpha=0.15,
                                         linewidth=0)
+                if marks:  # the machine disturbed these: marked, not hidden
+                    mx, my = zip(*marks)
+                    ax.scatter(mx, my, marker="x", s=90, color="red", zorder=5,
+                               label="unstable (disturbed by the machine)")
                 any_data |= bool(ys_all)
                 if _spans_decade(xs_all):
                     ax.set_xscale("log", base=2)
@@ -103,6 +122,11 @@ def plot_run(records: list[dict[str, Any]], sweep: list[str], out_dir: Path, tit
                 ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
         handles, labels = axes[0][0].get_legend_handles_labels()
+        for ax in axes[0][1:]:  # a marker that appears only in another panel still gets its legend entry
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                if lab not in labels:
+                    handles.append(h)
+                    labels.append(lab)
         if handles:
             fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
         if title:
@@ -127,12 +151,14 @@ def _bars(ax, records: list[dict[str, Any]], direction: str, metric: str) -> boo
         if d.get("status") != "ok":
             continue
         if metric == "time":
-            y, lo, hi = d["median_ms"], d["p20_ms"], d["p80_ms"]
+            y, lo, hi = _time_band(d)
+            if y is None:
+                continue
         else:
             if d.get("peak_mem_bytes") is None:
                 continue
             y = lo = hi = d["peak_mem_bytes"] / 2**20
-        names.append(r["cell"]["layer"])
+        names.append(r["cell"]["layer"] + (" ⚠" if metric == "time" and d.get("unstable") else ""))
         values.append(y)
         errs[0].append(y - lo)
         errs[1].append(hi - y)

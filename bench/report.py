@@ -67,4 +67,6 @@ def write_plots(run_dir: str | Path, out_dir: str | Path | None = None) -> list[
     if not records:
         return []
     lines = render.describe_run(config, env)
-    return plot_run(records, config.get("sweep", []), Path(out_dir or path), title=lines[0])
+    # A busy-machine warning comes first in the description; the plot keeps it above the device line.
+    title = "\n".join(lines[:2]) if lines[0].startswith("Warning") else lines[0]
+    return plot_run(records, config.get("sweep", []), Path(out_dir or path), title=title)
