@@ -3,7 +3,8 @@
 An absolute time recorded on one machine says little about another (BENCHMARKING.md
 "Regression tracking"), but the ratio of two operations timed side by side in the same process
 moves far less: both see the same CPU, the same memory system and the same background load.
-Two families of ratios are stored (``results/baselines/<device>.json``) and checked:
+Two families of ratios are stored (``results/baselines/<device>-<machine class>.json``, see
+:func:`machine_class`) and checked:
 
 - ``solve / conv2d``: :func:`layers.causal.solve` of a unit lower-triangular causal weight (built
   by :func:`layers.causal.assemble_weight`) divided by ``F.conv2d`` of the same shape (on the

@@ -171,8 +171,8 @@ def add_measure_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--max-time", type=float, metavar="S",
                    help="stop sampling a slow direction after S seconds (once 3 samples exist)")
     t.add_argument("--warmup", type=lambda s: _positive_ints(s)[0], metavar="N", help="minimum warm-up calls (default 3)")
-    t.add_argument("--warmup-time", type=float, metavar="S", help="minimum warm-up time, seconds (default 0.2)")
-    t.add_argument("--timeout", type=float, metavar="S", help="per-cell timeout in seconds (default 300)")
+    t.add_argument("--warmup-time", type=float, metavar="S", help="minimum warm-up time per process, seconds (default 0.1 on a CPU, 0.2 on a GPU)")
+    t.add_argument("--timeout", type=float, metavar="S", help="timeout of each worker process of a cell, in seconds (default 300)")
     t.add_argument("--processes", type=lambda s: _positive_ints(s)[0], metavar="N",
                    help=f"fresh worker processes per cell, each warmed up and sampled on its own; tables show the "
                         f"median over processes and their spread (default {PROCESSES_DEFAULT})")
