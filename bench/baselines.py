@@ -41,9 +41,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .runs import ROOT
+from .locations import baselines_dir
 
-BASELINE_DIR = ROOT / "results" / "baselines"
 SCHEMA = 1
 REFERENCE_LAYER = "glow-1x1"
 
@@ -131,7 +130,7 @@ class Spec:
 
 
 def baseline_path(device: str) -> Path:
-    return BASELINE_DIR / f"{device}.json"
+    return baselines_dir() / f"{device}.json"
 
 
 def _cell(layer: str, device: str, batch: int, channels: int, size: int, k: int | None) -> dict[str, Any]:
