@@ -44,9 +44,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .runs import ROOT
+from .locations import baselines_dir
 
-BASELINE_DIR = ROOT / "results" / "baselines"
 SCHEMA = 1
 REFERENCE_LAYER = "glow-1x1"
 
@@ -189,11 +188,11 @@ def machine_class(device: str) -> str:
 
 def baseline_path(device: str, machine: str | None = None) -> Path:
     """``results/baselines/<device>-<machine class>.json`` (the class of this machine by default)."""
-    return BASELINE_DIR / f"{device}-{machine or machine_class(device)}.json"
+    return baselines_dir() / f"{device}-{machine or machine_class(device)}.json"
 
 
 def recorded_classes(device: str) -> list[str]:
-    return sorted(p.stem[len(device) + 1:] for p in BASELINE_DIR.glob(f"{device}-*.json"))
+    return sorted(p.stem[len(device) + 1:] for p in baselines_dir().glob(f"{device}-*.json"))
 
 
 def current_solver(device: str) -> str | None:

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .locations import paper_tables_dir
 from .render import Table, fmt_ms, hardware
-from .runs import ROOT
 
-PAPER_DIR = ROOT / "results" / "paper"
+PAPER_DIR = paper_tables_dir()
 
 LAYOUTS = ("methods", "axis")
 AXES = ("input_size", "batch", "kernel_size")

@@ -43,7 +43,10 @@ def git_state(root: Path = ROOT) -> dict[str, Any]:
             return None
         return out.stdout if out.returncode == 0 else None
 
-    commit = (git("rev-parse", "HEAD") or "").strip()
+    # Only a tree at the top of a checkout has a commit: an installed package in a virtual
+    # environment inside some project is not that project's code.
+    top = (git("rev-parse", "--show-toplevel") or "").strip()
+    commit = (git("rev-parse", "HEAD") or "").strip() if top and Path(top).resolve() == Path(root).resolve() else ""
     if not commit:
         return {"commit": None, "short": None, "dirty": None, "branch": None}
     # Results are not code: run folders kept under results/ (e.g. by `--preset all`, which

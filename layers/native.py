@@ -1,9 +1,10 @@
 """Native (C++ and CUDA) solvers of the causal convolution, compiled on first use.
 
-The sources live in ``csrc/``. Nothing is built at import time: the first solve that wants a
-native kernel (or an explicit :func:`load`) compiles it with ``torch.utils.cpp_extension`` and
-ninja into a cache folder, printing one line to stderr before and one after (the first use costs
-about a minute on two cores; later processes load the cached library in well under a second).
+The sources live in ``csrc/`` (:func:`source_dir` finds them in a checkout and in an installed
+package). Nothing is built at import time: the first solve that wants a native kernel (or an
+explicit :func:`load`) compiles it with ``torch.utils.cpp_extension`` and ninja into a cache
+folder, printing one line to stderr before and one after (the first use costs about a minute on
+two cores; later processes load the cached library in well under a second).
 Why a backend is unavailable (no compiler, no ninja, the compiler's error text, a CPU-only torch,
 no GPU) is recorded and reported, never swallowed.
 
@@ -52,6 +53,7 @@ __all__ = [
     "load",
     "requested_mode",
     "solver_status",
+    "source_dir",
 ]
 
 SOLVER_ENV = "INVCONV_SOLVER"
@@ -60,7 +62,6 @@ CPU_ISA_ENV = "INVCONV_CPU_ISA"
 _CPU_ISAS = {"auto": 0, "generic": 1, "avx2": 2}
 CACHE_ENV = "INVCONV_NATIVE_CACHE"
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _CPU_SOURCES = ("solve_cpu.cpp",)
 _CPU_DEPENDS = ("solve_cpu_kernel.h",)
 _CUDA_SOURCES = ("solve_cuda.cu", "solve_cuda_binding.cpp")
@@ -127,6 +128,19 @@ def _cpu_isa_code() -> int:
 # Building
 
 
+def source_dir() -> Path:
+    """The folder of the C++/CUDA sources: ``layers/_csrc`` in an installed wheel (setup.py ships
+    the top-level ``csrc/`` there as package data), else ``csrc/`` beside ``layers/`` in a checkout
+    (run in place or installed editable)."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "_csrc", package.parent / "csrc"):
+        if (candidate / _CPU_SOURCES[0]).is_file():
+            return candidate
+    raise FileNotFoundError(f"the native sources ({_CPU_SOURCES[0]}, ...) are neither in {package / '_csrc'} "
+                            f"(an installed package) nor in {package.parent / 'csrc'} (a checkout); "
+                            "reinstall invconv-bench")
+
+
 def _cache_root() -> Path:
     """One per-user cache for every checkout: builds are keyed by the sources' contents, so a
     fresh clone, a CI run or the base worktree of ``bench ab`` reuses an identical build instead
@@ -139,10 +153,12 @@ def _cache_root() -> Path:
 
 def _build_dir(name: str, files: tuple[str, ...], flags: list[str]) -> Path:
     """A folder keyed by the sources, the flags, torch and Python, so a stale build is never loaded."""
+    # Names and contents only, never the folder: a wheel installed elsewhere, a fresh clone and
+    # the base worktree of `bench ab` share one build of identical sources.
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.encode())
-        digest.update((CSRC / f).read_bytes())
+        digest.update((source_dir() / f).read_bytes())
     digest.update(" ".join(flags).encode())
     digest.update(f"{torch.__version__}|{torch.version.cuda}|{sys.version_info[:2]}".encode())
     return _cache_root() / f"{name}-{digest.hexdigest()[:16]}"
@@ -170,7 +186,8 @@ def _compile(name: str, label: str, sources: tuple[str, ...], depends: tuple[str
     print(f"invconv: compiling the native {label} solver (first use; cached in {build_dir}) ...",
           file=sys.stderr, flush=True)
     try:
-        path = cpp_extension.load(name=name, sources=[str(CSRC / s) for s in sources], build_directory=str(build_dir),
+        path = cpp_extension.load(name=name, sources=[str(source_dir() / s) for s in sources],
+                                  build_directory=str(build_dir),
                                   is_python_module=False, verbose=False, **kwargs)
     except Exception as exc:  # the compiler's output is in the message
         seconds = time.perf_counter() - start

@@ -268,7 +268,7 @@ def test_a_real_build_failure_reports_the_compiler_output(monkeypatch, tmp_path,
     shutil.copytree(ROOT / "csrc", csrc)
     source = csrc / "solve_cpu.cpp"
     source.write_text('#include "invconv_missing_header.h"\n' + source.read_text())
-    monkeypatch.setattr(native, "CSRC", csrc)
+    monkeypatch.setattr(native, "source_dir", lambda: csrc)
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(native, "_status", {})  # a fresh per-process cache, restored afterwards
     monkeypatch.setenv(native.SOLVER_ENV, "native")

@@ -45,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         q.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
         q.add_argument("--file", metavar="FILE",
                        help="the baseline file (default results/baselines/<device>-<machine class>.json in this "
-                            "checkout, for the class of this machine)")
+                            "checkout, for the class of this machine; under the working directory when bench is "
+                            "installed)")
         q.add_argument("--quiet", action="store_true", help="no progress lines")
     rec.add_argument("--layers", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], metavar="NAMES",
                      help="layers to divide by glow-1x1 (default: every available layer)")
