@@ -127,6 +127,13 @@ def new_run_dir(out_root: str | os.PathLike, git: dict[str, Any] | None = None, 
         if not name or "/" in name or name in (".", ".."):
             raise RunDirError(f"invalid run folder name {name!r}")
         path = root / name
+        try:
+            name_max = os.pathconf(root, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            name_max = 255
+        if len(name.encode()) > name_max:
+            raise RunDirError(f"--name is {len(name.encode())} bytes long; the file system takes at most {name_max} "
+                              "(choose a shorter --name)")
         if path.is_symlink():
             raise RunDirError(f"{path} is a symbolic link; not replacing what it points to (remove the link "
                               "or choose another --name)")

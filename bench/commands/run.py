@@ -202,6 +202,12 @@ def resolve_config(args: argparse.Namespace, preset_name: str | None = None):
     if preset_name:
         preset = _load_preset(preset_name)
         base = preset.settings(quick=args.quick)
+        from ..paper import available_tables
+
+        # Rendered after the sweep: found out now, not after hours of measuring.
+        if preset.paper_table not in available_tables():
+            raise UsageError(f"preset {preset.name}: paper table {preset.paper_table!r} is not in results/paper/ "
+                             f"(known: {', '.join(available_tables())})")
 
     names = _flatten(args.layers)
     if names == []:
