@@ -110,7 +110,7 @@ def test_append_after_a_torn_last_line_starts_a_fresh_line(tmp_path, how):
 def test_resume_after_a_torn_line_measures_the_lost_cell_again(tmp_path, faulty):
     out = tmp_path / "runs"
     res = bench("run", "--layers", "fault-good", "--sweep", "batch", "--batch", "1,2,3", "--channels", "2",
-                "--input-size", "4", "--directions", "forward", "--out", str(out), *FAST)
+                "--input-size", "4", "--directions", "forward", "--no-isolate", "--out", str(out), *FAST)
     assert res.returncode == 0, res.stderr
     run_dir = only_dir(out)
     tear_last_line(run_dir, "half")
@@ -139,52 +139,56 @@ def test_a_second_lock_is_refused_with_the_holders_pid(tmp_path):
     assert path == tmp_path and not (tmp_path / "config.json").exists()
 
 
-def slow_run_args(out: Path, name: str) -> list[str]:
-    return ["run", "--layers", "fault-slow", "--sweep", "batch", "--batch", "1,2,3,4", "--channels", "2",
-            "--input-size", "4", "--directions", "forward", "--out", str(out), "--name", name, *FAST]
+def hanging_run_args(out: Path, name: str) -> list[str]:
+    """A run that saves one cell, then hangs in the second until it is stopped (in-process, so
+    that it is quick to start)."""
+    return ["run", "--layers", "fault-good,fault-hangs", *TINY, "--directions", "forward", "--no-isolate",
+            "--timeout", "0", "--out", str(out), "--name", name, *FAST]
+
+
+def stop(proc) -> str:
+    kill_parent(proc, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    return err
 
 
 def test_overwrite_of_a_folder_another_run_writes_is_refused(tmp_path, faulty):
     out = tmp_path / "runs"
     run_dir = out / "same"
-    env = {"FAULT_SLOW": "0.1"}
-    a, b = race(slow_run_args(out, "same"), slow_run_args(out, "same") + ["--overwrite"],
-                ready=lambda: (run_dir / "results.jsonl").exists(), env=env)
+    a, b = race(hanging_run_args(out, "same"), hanging_run_args(out, "same") + ["--overwrite"],
+                ready=lambda: (run_dir / "results.jsonl").exists())
     try:
-        assert b.returncode == 2 and "in use by another run (pid " in b.stderr, b.stderr
+        assert b.returncode == 2 and f"in use by another run (pid {a.pid})" in b.stderr, b.stderr
         assert len(b.stderr.strip().splitlines()) == 1
-        out_a, err_a = a.communicate(timeout=120)
-        assert a.returncode == 0, err_a
+        stop(a)
     finally:
         cleanup(a)
-    recs = run_records(run_dir)
-    assert sorted(r["cell"]["batch"] for r in recs) == [1, 2, 3, 4]  # one run's records, all of them
+    assert [r["cell"]["layer"] for r in run_records(run_dir)] == ["fault-good"]
+    assert (run_dir / "config.json").exists() and (run_dir / "table.md").exists()
 
 
 def test_two_resumes_of_one_folder_do_not_both_measure(tmp_path, faulty):
     out = tmp_path / "runs"
-    env = {"FAULT_SLOW": "0.1"}
-    first = start_bench(*slow_run_args(out, "r"), env=env)
     run_dir = out / "r"
+    first = start_bench(*hanging_run_args(out, "r"))
     try:
         wait_until(lambda: (run_dir / "results.jsonl").exists(), 60, "the first record")
-        kill_parent(first, signal.SIGTERM)
-        first.communicate(timeout=60)
+        stop(first)
     finally:
         cleanup(first)
-    done_before = len(run_records(run_dir))
-    assert done_before < 4
-    a, b = race(["run", "--resume", str(run_dir), "--no-plots", "--no-progress"],
-                ["run", "--resume", str(run_dir), "--no-plots", "--no-progress"],
-                ready=lambda: len(run_records(run_dir)) > done_before, env=env)
+    resume = ["run", "--resume", str(run_dir), "--no-plots", "--no-progress"]
+    a = start_bench(*resume)
     try:
-        assert b.returncode == 2 and "in use by another run" in b.stderr, b.stderr
-        a.communicate(timeout=120)
-        assert a.returncode == 0
+        # The first resume holds the lock (it is measuring the hanging cell) ...
+        wait_until(lambda: a.pid in noted_pids(faulty, "worker"), 60, "the first resume to measure")
+        b = bench(*resume)  # ... so the second is refused instead of measuring the same cells
+        assert b.returncode == 2 and f"in use by another run (pid {a.pid})" in b.stderr, b.stderr
+        stop(a)
     finally:
         cleanup(a)
     keys = [r["key"] for r in run_records(run_dir)]
-    assert len(keys) == len(set(keys)) == 4, "every cell measured exactly once"
+    assert len(keys) == len(set(keys)) == 1, "no cell measured twice"
 
 
 # --- 3, 5. timeouts and a killed runner leave no process behind --------------------------------

@@ -339,7 +339,7 @@ def main(args: argparse.Namespace) -> int:
         for name in presets.names():
             print(f"=== preset {name}", file=sys.stderr)
             status = max(status, run_one(args, name))
-            if status == 130:
+            if status in (130, 143):  # interrupted: Ctrl-C or SIGTERM
                 break
         return status
     return run_one(args, args.preset)
@@ -347,8 +347,6 @@ def main(args: argparse.Namespace) -> int:
 
 def run_one(args: argparse.Namespace, preset_name: str | None) -> int:
     from .. import runs
-    from ..environment import collect
-    from ..sweep import SweepConfig
 
     if args.resume:
         given = [f"--{k.replace('_', '-')}" for k in _SWEEP_SETTINGS if getattr(args, k, None) not in (None, False)]
@@ -357,6 +355,22 @@ def run_one(args: argparse.Namespace, preset_name: str | None) -> int:
         if given:
             raise UsageError(f"--resume takes every setting (and the folder) from RUN_DIR/{runs.CONFIG}; "
                              f"drop {', '.join(given)}")
+    # From here on SIGTERM ends the run as Ctrl-C does (and the lock is released either way).
+    with _sigterm_as_interrupt() as terminated:
+        try:
+            return _run_one(args, preset_name, terminated)
+        except KeyboardInterrupt:
+            if terminated:
+                print("\ninterrupted (SIGTERM)", file=sys.stderr)
+                return 143
+            raise
+
+
+def _run_one(args: argparse.Namespace, preset_name: str | None, terminated: list[int]) -> int:
+    from .. import runs
+    from ..environment import collect
+    from ..sweep import SweepConfig
+
     lock = None
     try:
         if args.resume:
@@ -375,7 +389,7 @@ def run_one(args: argparse.Namespace, preset_name: str | None) -> int:
             run_dir, lock = runs.new_run_dir(args.out, env["git"], name=name, overwrite=args.overwrite)
             runs.write_json(run_dir / runs.ENV, env)
             runs.write_json(run_dir / runs.CONFIG, config.to_json())
-        return _measure(args, config, env, run_dir)
+        return _measure(args, config, env, run_dir, terminated)
     except runs.RunDirError as exc:
         raise UsageError(str(exc)) from None
     finally:
@@ -383,7 +397,7 @@ def run_one(args: argparse.Namespace, preset_name: str | None) -> int:
             lock.release()
 
 
-def _measure(args: argparse.Namespace, config, env: dict, run_dir: Path) -> int:
+def _measure(args: argparse.Namespace, config, env: dict, run_dir: Path, terminated: list[int]) -> int:
     """Measure the cells of ``config`` not yet in ``run_dir`` (whose lock the caller holds), then
     render the tables."""
     from .. import records as records_mod
@@ -424,13 +438,11 @@ def _measure(args: argparse.Namespace, config, env: dict, run_dir: Path) -> int:
     bar = _progress(len(cells), len(cells) - len(todo), args.no_progress)
     interrupted = None
     try:
-        with _sigterm_as_interrupt() as terminated:
-            try:
-                run_cells(cells, config, run_dir, done,
-                          on_start=lambda cell: bar.set_postfix_str(cell.label(), refresh=True),
-                          on_done=lambda cell, rec: _after_cell(bar, cell, rec))
-            except KeyboardInterrupt:
-                interrupted = "SIGTERM" if terminated else "Ctrl-C"
+        run_cells(cells, config, run_dir, done,
+                  on_start=lambda cell: bar.set_postfix_str(cell.label(), refresh=True),
+                  on_done=lambda cell, rec: _after_cell(bar, cell, rec))
+    except KeyboardInterrupt:
+        interrupted = "SIGTERM" if terminated else "Ctrl-C"
     finally:
         bar.close()
 
