@@ -467,10 +467,10 @@ def _measure(args: argparse.Namespace, config, env: dict, run_dir: Path, termina
 
 
 class _sigterm_as_interrupt:
-    """While measuring, SIGTERM (what CI cancellation, ``timeout`` and ``kill`` send) ends the
-    run as Ctrl-C does: the cell in flight is abandoned (its worker's process group killed), the
-    finished cells are rendered, and the resume hint is printed. Yields a list that is non-empty
-    once SIGTERM arrived."""
+    """While a run holds its folder, SIGTERM (what CI cancellation, ``timeout`` and ``kill`` send)
+    ends it as Ctrl-C does: the cell in flight is abandoned (its worker's process group killed),
+    the finished cells are rendered, and the resume hint is printed. Yields a list that is
+    non-empty once SIGTERM arrived."""
 
     def __enter__(self) -> list[int]:
         self.terminated: list[int] = []
@@ -478,7 +478,8 @@ class _sigterm_as_interrupt:
 
         def on_term(signum, frame):  # noqa: ARG001
             self.terminated.append(signum)
-            raise KeyboardInterrupt
+            if len(self.terminated) == 1:  # a second SIGTERM must not interrupt the clean-up of the first
+                raise KeyboardInterrupt
 
         try:
             self.previous = signal.signal(signal.SIGTERM, on_term)
