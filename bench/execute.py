@@ -131,7 +131,9 @@ def run_isolated(cell: Cell, config: SweepConfig, root: Path | None = None) -> d
 
     The worker leads its own process group; the group is killed when the cell ends in any way
     (finished, timed out, interrupted), so a process the layer started cannot outlive the cell
-    or keep its pipes (and so this call) open.
+    or keep its pipes (and so this call) open. The worker also kills its group when this process
+    dies (see ``bench/worker.py``); Linux ties that to the *thread* that started it, so call
+    this from a thread that lives as long as the cell (the main thread, or a pool's worker).
     """
     import threading
     import time
