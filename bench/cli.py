@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from .runs import RunDirError
+
 # name -> module in bench.commands
 COMMANDS = {
     "run": "run",
@@ -59,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         parser.exit(2, f"python -m bench {args.command}: error: {exc}\n")
     except FileNotFoundError as exc:
+        parser.exit(2, f"python -m bench {args.command}: error: {exc}\n")
+    except RunDirError as exc:  # a run folder that cannot be created, read or locked
         parser.exit(2, f"python -m bench {args.command}: error: {exc}\n")
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

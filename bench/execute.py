@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from .measure import TimingPolicy
+from .records import STATUS_PRIORITY, worst_status
 from .zygote import Zygote, ZygoteError
 from .runs import ROOT, append_record
 from .sweep import Cell, SweepConfig
 
-# When a direction fails, the cell's status is the most telling of its directions' statuses.
-_STATUS_PRIORITY = ["unsupported", "oom", "timeout", "error", "nonfinite", "ok"]
 
 
 def policy_of(config: SweepConfig) -> TimingPolicy:
@@ -59,7 +58,7 @@ def assemble(cell: Cell, messages: list[dict[str, Any]], directions: Iterable[st
             else:
                 record["directions"][d] = {"status": missing_status, "message": missing_message}
     statuses = [d["status"] for d in record["directions"].values()] or [build_status or missing_status]
-    record["status"] = min(statuses, key=_STATUS_PRIORITY.index)
+    record["status"] = worst_status(statuses)
     if build_status is not None:
         record["message"] = build_message
     else:
@@ -119,11 +118,11 @@ def merge_processes(records: list[dict[str, Any]]) -> dict[str, Any]:
                 out["unstable_reasons"] = list(unstable[0].get("unstable_reasons", []))
             merged["directions"][name] = out
         else:
-            worst = min(ds, key=lambda d: _STATUS_PRIORITY.index(d.get("status", "error"))
-                        if d.get("status", "error") in _STATUS_PRIORITY else 0)
+            worst_of = worst_status([d.get("status", "error") for d in ds])
+            worst = next(d for d in ds if d.get("status", "error") == worst_of)
             merged["directions"][name] = {**worst, "processes_ok": sum(d.get("status") == "ok" for d in ds)}
     statuses = [d["status"] for d in merged["directions"].values()] or [records[-1].get("status", "error")]
-    merged["status"] = min(statuses, key=lambda s: _STATUS_PRIORITY.index(s) if s in _STATUS_PRIORITY else 0)
+    merged["status"] = worst_status(statuses)
     bad = [d.get("message") for d in merged["directions"].values() if d["status"] == merged["status"]]
     merged["message"] = next((m for m in bad if m), records[-1].get("message", ""))
     return merged
@@ -147,67 +146,180 @@ def _request(cell: Cell, config: SweepConfig) -> dict[str, Any]:
             "threads": config.threads, "directions": list(config.directions)}
 
 
+# The worker's start (a fresh interpreter importing torch: ~1.5 s, much more on a loaded machine)
+# is not part of a cell's time: the timeout starts when the worker says it is ready, and the start
+# itself gets this long.
+STARTUP_TIMEOUT = 120.0
+PARENT_ENV = "INVCONV_BENCH_PARENT_PID"  # the worker exits when this process dies (bench/worker.py)
+
+
+class CellTimeout(BaseException):
+    """Raised by the ``--no-isolate`` alarm. A ``BaseException``, so that the per-direction
+    ``except Exception`` of :func:`bench.measure.measure_cell` cannot record it as an error and
+    carry on with the next direction without a limit."""
+
+
+def _oom_kills() -> int | None:
+    """Out-of-memory kills so far: this cgroup's (v2) and the whole system's, summed; ``None`` if
+    neither is readable. A SIGKILLed worker was killed by the OOM killer if this grew meanwhile."""
+    total, found = 0, False
+    try:
+        with open("/proc/vmstat") as fh:
+            for line in fh:
+                if line.startswith("oom_kill "):
+                    total, found = total + int(line.split()[1]), True
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/proc/self/cgroup") as fh:
+            rel = next((ln.split(":", 2)[2].strip() for ln in fh if ln.startswith("0::")), None)
+        if rel is not None:
+            with open(f"/sys/fs/cgroup{rel.rstrip('/')}/memory.events") as fh:
+                for line in fh:
+                    if line.startswith("oom_kill "):
+                        total, found = total + int(line.split()[1]), True
+    except (OSError, ValueError):
+        pass
+    return total if found else None
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL the process group led by ``pid`` (the worker and whatever the layer started)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _limit(timeout: float | None) -> float | None:
+    """``--timeout 0`` (or none) means no limit, with or without isolation."""
+    return timeout if timeout and timeout > 0 else None
+
+
 def worker_env(root: Path) -> dict[str, str]:
     """The environment of a worker running ``root``'s code."""
     env = dict(os.environ)
     # The worker must run that very code, installed or not: its tree goes first on the path, and
     # it starts in that tree, because `python -m` puts the working directory before PYTHONPATH.
     env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
+    env[PARENT_ENV] = str(os.getpid())
     return env
 
 
 def run_isolated(cell: Cell, config: SweepConfig, root: Path | None = None, zygote: Any = None) -> dict[str, Any]:
-    """Measure ``cell`` in a fresh worker process, killed (with its process group) after
-    ``config.timeout``: forked from ``zygote`` (a :class:`bench.zygote.Zygote` of this tree)
-    when given, else a new ``python -m bench.worker`` process.
+    """Measure ``cell`` in a fresh worker process, killed after ``config.timeout``: forked from
+    ``zygote`` (a :class:`bench.zygote.Zygote` of this tree) when given, else a new
+    ``python -m bench.worker`` process.
 
     ``root``: the code tree whose ``bench`` and ``layers`` the worker imports (default: this
     one, :data:`bench.runs.ROOT`). ``bench ab`` passes a checkout of another revision; that
     revision's worker must accept this revision's request (see ``bench/ab.py``).
+
+    The worker leads its own process group; the group is killed when the cell ends in any way
+    (finished, timed out, interrupted), so a process the layer started cannot outlive the cell
+    or keep its pipes (and so this call) open. The worker also kills its group when this process
+    dies (see ``bench/worker.py``); Linux ties that to the *thread* that started it, so call
+    this from a thread that lives as long as the cell (the main thread, or a pool's worker).
     """
     if zygote is not None:
-        messages, returncode, timed_out, err = zygote.run(_request(cell, config), config.timeout)
-        return _record_of(cell, config, messages, returncode, timed_out, err)
+        oom_before = _oom_kills()
+        messages, returncode, timed_out, err = zygote.run(_request(cell, config), _limit(config.timeout))
+        return _record_of(cell, config, messages, returncode, timed_out, err, oom_before)
+    import threading
+    import time
+
     root = Path(root) if root is not None else ROOT
     env = worker_env(root)
+    oom_before = _oom_kills()
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, env=env, cwd=root,
-        start_new_session=True,  # Ctrl-C reaches us, not the worker; we stop it ourselves
+        stderr=subprocess.PIPE, env=env, cwd=root,
+        start_new_session=True,  # Ctrl-C reaches us, not the worker; we stop its whole group ourselves
     )
-    timed_out = False
+    lines: list[str] = []
+    ready_at: list[float] = []  # when the worker said it was ready
+    err_chunks: list[bytes] = []
+
+    def read_out() -> None:
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", "replace")
+            lines.append(line)
+            if not ready_at and line.startswith('{"type": "ready"'):
+                ready_at.append(time.monotonic())
+
+    def read_err() -> None:
+        while chunk := proc.stderr.read1(65536):
+            err_chunks.append(chunk)
+            if sum(map(len, err_chunks)) > 1 << 20:  # keep the tail only: a chatty layer must not fill memory
+                del err_chunks[: len(err_chunks) // 2]
+
+    readers = [threading.Thread(target=read_out, daemon=True), threading.Thread(target=read_err, daemon=True)]
+    for t in readers:
+        t.start()
+    timed_out = startup_failed = False
+    limit = _limit(config.timeout)
     try:
-        out, err = proc.communicate(json.dumps(_request(cell, config)), timeout=config.timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        proc.kill()
-        out, err = proc.communicate()
-    except BaseException:
-        proc.kill()
-        proc.communicate()
-        raise
-    messages = []
-    for line in out.splitlines():
         try:
-            messages.append(json.loads(line))
+            proc.stdin.write(json.dumps(_request(cell, config)).encode())
+            proc.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass  # the worker died at once; its exit status says why
+        # The limit counts from the worker's "ready"; before that, the start-up gets STARTUP_TIMEOUT
+        # more (a worker of another revision that never says "ready" still gets the whole limit).
+        start = time.monotonic()
+        while proc.poll() is None:
+            if limit is None:
+                proc.wait()
+                break
+            deadline = ready_at[0] + limit if ready_at else start + STARTUP_TIMEOUT + limit
+            left = deadline - time.monotonic()
+            if left <= 0:
+                timed_out, startup_failed = bool(ready_at), not ready_at
+                break
+            try:
+                proc.wait(timeout=min(left, 0.05 if not ready_at else left))
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        # Always, also on KeyboardInterrupt: nothing the cell started may outlive it.
+        kill_group(proc.pid)
+        proc.wait()
+        for t in readers:
+            t.join(timeout=5)  # a grandchild that escaped the group could hold a pipe; do not wait for it
+    err = b"".join(err_chunks).decode("utf-8", "replace")
+    messages = []
+    for line in lines:
+        try:
+            m = json.loads(line)
         except json.JSONDecodeError:
             continue
-    return _record_of(cell, config, messages, proc.returncode, timed_out, err)
+        if isinstance(m, dict):
+            messages.append(m)
+    return _record_of(cell, config, messages, proc.returncode, timed_out, err, oom_before, startup_failed)
 
 
 def _record_of(cell: Cell, config: SweepConfig, messages: list[dict[str, Any]], returncode: int | None,
-               timed_out: bool, err: str) -> dict[str, Any]:
+               timed_out: bool, err: str, oom_before: int | None, startup_failed: bool = False) -> dict[str, Any]:
     """A cell's record from what its worker reported and how it ended."""
-    messages = [m for m in messages if isinstance(m, dict)]
     finished = any(m.get("type") == "cell" for m in messages)
+    last = next((ln for ln in reversed(err.strip().splitlines()) if ln.strip()), "")
     if timed_out:
         status, message = "timeout", f"cell exceeded --timeout {config.timeout:g} s"
-    elif returncode == -signal.SIGKILL:
-        status, message = "oom", "worker was killed by SIGKILL, most likely by the out-of-memory killer"
-    elif returncode != 0 or not finished:
-        last = next((ln for ln in reversed(err.strip().splitlines()) if ln.strip()), "")
-        how = f"signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
-        status, message = "error", f"worker died ({how}): {last}"
+    elif startup_failed:
+        status, message = "timeout", (f"cell exceeded --timeout {config.timeout:g} s (the worker never said it was "
+                                      f"ready; {STARTUP_TIMEOUT:g} s were allowed for its start)")
+    elif returncode == -signal.SIGKILL and not finished:
+        oom_after = _oom_kills()
+        if oom_before is not None and oom_after is not None and oom_after > oom_before:
+            status, message = "oom", "worker was killed by the out-of-memory killer (SIGKILL)"
+        elif oom_before is not None and oom_after is not None:
+            status, message = "error", "worker was killed by SIGKILL, not by the out-of-memory killer (by a person?)"
+        else:
+            status, message = "oom", "worker was killed by SIGKILL (out of memory, or killed)"
+    elif not finished:
+        rc = returncode
+        how = f"signal {-rc}" if rc < 0 else f"exit status {rc}"
+        status, message = "error", f"worker died ({how})" + (f": {last}" if last else "")
     else:
         status, message = "error", "worker did not report this direction"
     record = assemble(cell, messages, config.directions, status, message)
@@ -219,23 +331,25 @@ def _record_of(cell: Cell, config: SweepConfig, messages: list[dict[str, Any]], 
 def run_in_process(cell: Cell, config: SweepConfig) -> dict[str, Any]:
     """Measure ``cell`` here (``--no-isolate``): faster to start, but one crash ends the sweep,
     memory readings include earlier cells' leftovers, and the timeout is best effort (it cannot
-    interrupt a long native call)."""
+    interrupt a long native call). A timeout ends the whole cell: the directions not finished by
+    then are recorded as ``timeout``."""
     from .measure import measure_cell
 
     messages: list[dict[str, Any]] = []
     timed_out = False
 
     def on_alarm(signum, frame):  # noqa: ARG001
-        raise TimeoutError
+        raise CellTimeout
 
-    use_alarm = hasattr(signal, "SIGALRM") and config.timeout
+    limit = _limit(config.timeout)
+    use_alarm = hasattr(signal, "SIGALRM") and limit is not None
     if use_alarm:
         previous = signal.signal(signal.SIGALRM, on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, config.timeout)
+        signal.setitimer(signal.ITIMER_REAL, limit)
     try:
         measure_cell(cell, policy_of(config), messages.append, seed=config.seed, threads=config.threads,
                      directions=tuple(config.directions))
-    except TimeoutError:
+    except CellTimeout:
         timed_out = True
     finally:
         if use_alarm:

@@ -405,12 +405,52 @@ def check_cell(cell: Cell) -> None:
     shape or, for a model cell, at every level of the model."""
     import layers
 
+    layers.info(cell.layer).check_dtype(cell.dtype)
     if cell.scope == "model":
         from .models import check_model
 
         check_model(cell.layer, cell.channels, (cell.height, cell.width), cell.levels, cell.kernel_size, cell.device)
     else:
         layers.info(cell.layer).check(cell.channels, cell.kernel_size, (cell.height, cell.width), cell.device)
+
+
+class ContractError(Exception):
+    """A layer that does not return what the interface requires (recorded as the cell's error)."""
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)}: ({', '.join(_describe(v) for v in value)})"
+    return f"a {type(value).__name__}"
+
+
+def check_contract(direction: str, out: Any, shape: tuple[int, ...]) -> None:
+    """``ContractError`` if the first call of a layer cell's ``direction`` did not return what the
+    layer interface requires for input shape ``shape``: forward ``(z, logdet)`` with z of the
+    input's shape and logdet of shape ``(B,)``; inverse a tensor of the input's shape.
+
+    Checked on each direction's first call, before it is timed: a layer breaking the contract
+    would otherwise be timed doing something else (with B = 2 the train step unpacks a bare
+    tensor as ``(z, logdet)``), and no extra call is made, so a direction that hangs or fails
+    still leaves the others' numbers.
+    """
+    batch = shape[0]
+    need = f"(z, logdet) with z of shape {shape} and logdet of shape ({batch},)"
+    if direction == "forward":
+        if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)
+                and tuple(out[0].shape) == shape and tuple(out[1].shape) == (batch,)):
+            raise ContractError(f"forward returned {_describe(out)}; required: {need}")
+    elif direction == "sampling":
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape:
+            raise ContractError(f"inverse returned {_describe(out)}; required: a tensor of shape {shape}")
+    elif direction == "train":
+        z, logdet = out[0], out[1]  # what the train step unpacked from forward's result
+        if not (isinstance(z, torch.Tensor) and isinstance(logdet, torch.Tensor)
+                and tuple(z.shape) == shape and tuple(logdet.shape) == (batch,)):
+            raise ContractError(f"forward, unpacked as (z, logdet) by the train step, gave z = {_describe(z)} and "
+                                f"logdet = {_describe(logdet)}; required: {need}")
 
 
 @dataclass
@@ -421,6 +461,7 @@ class _Subject:
     fns: dict[str, Callable[[], Any]]
     round_trip: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # (x, inverse(forward(x)))
     extra: dict[str, Any]
+    input_shape: tuple[int, ...] | None = None  # a layer cell's: its directions' results are checked
 
 
 def _layer_subject(cell: Cell, device: torch.device, dtype: torch.dtype) -> _Subject:
@@ -435,7 +476,7 @@ def _layer_subject(cell: Cell, device: torch.device, dtype: torch.dtype) -> _Sub
         with torch.no_grad():
             return x, layer.inverse(layer(x)[0])
 
-    return _Subject(layer, direction_calls(layer, x, z_prior), round_trip, {})
+    return _Subject(layer, direction_calls(layer, x, z_prior), round_trip, {}, input_shape=tuple(x.shape))
 
 
 def _model_subject(cell: Cell, device: torch.device, dtype: torch.dtype) -> _Subject:
@@ -516,6 +557,8 @@ def measure_cell(cell: Cell, policy: TimingPolicy, emit: Emit, *, seed: int = 0,
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             record["first_call_ms"] = (time.perf_counter() - t_first) * 1e3
+            if subject.input_shape is not None:
+                check_contract(direction, out, subject.input_shape)
             finite = _all_finite(out)
             del out
             m = time_call(fns[direction], clock, policy)

@@ -6,14 +6,23 @@ from pathlib import Path
 from typing import Any
 
 from . import render
-from .runs import CONFIG, ENV, check_run_dir, load_records, read_json
+from .records import foreign
+from .runs import ENV, RESULTS, check_run_dir, load_config, load_records, read_json
 
 
 def load_run(run_dir: str | Path) -> tuple[Path, dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
-    """(path, config, env, records) of a run folder."""
+    """(path, config, env, records) of a run folder; a warning for records that the run's
+    configuration does not describe (copied in from another run?)."""
+    import warnings
+
     path = check_run_dir(run_dir)
     env = read_json(path / ENV) if (path / ENV).exists() else {}
-    return path, read_json(path / CONFIG), env, load_records(path)
+    config, records = load_config(path), load_records(path)
+    others = foreign(records, config)
+    if others:
+        warnings.warn(f"{path / RESULTS}: {len(others)} record(s) do not belong to this run's configuration "
+                      f"(copied from another run?), e.g. {others[0]['key']}", stacklevel=2)
+    return path, config, env, records
 
 
 def markdown_report(config: dict[str, Any], env: dict[str, Any], records: list[dict[str, Any]],

@@ -41,11 +41,12 @@ READY_TIMEOUT_S = 300.0
 
 
 def _die_with_parent() -> None:
-    """Linux: SIGKILL this process when its parent (the zygote) exits."""
+    """Linux: SIGKILL the zygote when the run that started it dies (its children then kill their
+    own process groups: see :func:`bench.worker.watch_parent`)."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 
@@ -55,7 +56,11 @@ def _child(request: dict[str, Any], out_path: str, err_path: str) -> None:
     status = 0
     try:
         os.setsid()
-        _die_with_parent()
+        # Like a worker started by the run: the child and its process group die with its parent.
+        from .worker import PARENT_ENV, watch_parent
+
+        os.environ[PARENT_ENV] = str(os.getppid())
+        watch_parent()
         err = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(err, 1)
         os.dup2(err, 2)
@@ -85,6 +90,7 @@ def _child(request: dict[str, Any], out_path: str, err_path: str) -> None:
 
 def serve() -> int:
     """The zygote's loop (``python -m bench.zygote``)."""
+    _die_with_parent()
     import torch  # noqa: F401 - the point: imported once, before any fork
 
     import layers  # noqa: F401
@@ -113,6 +119,10 @@ def serve() -> int:
         out.write(f"pid {pid}\n")
         out.flush()
         _, status = os.waitpid(pid, 0)
+        try:  # whatever the measured code started and left running in the child's group
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass  # (never a plain kill here: the child is reaped, its pid may already be another's)
         out.write(f"exit {pid} {status}\n")
         out.flush()
     return 0

@@ -17,7 +17,16 @@ from .base import (
     UnknownLayerError,
     UnsupportedError,
 )
-from .registry import ENTRY_POINT_GROUP, available, create, info, register, unavailable, unregister
+from .registry import (
+    ENTRY_POINT_GROUP,
+    available,
+    check_options,
+    create,
+    info,
+    register,
+    unavailable,
+    unregister,
+)
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -29,6 +38,7 @@ __all__ = [
     "UnknownLayerError",
     "UnsupportedError",
     "available",
+    "check_options",
     "create",
     "info",
     "register",

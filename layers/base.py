@@ -54,6 +54,7 @@ class Paper:
 
 
 KernelSizes = Literal["any", "odd", "n/a"]
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 Sequential = Literal["forward", "inverse", "none"]
 
 _KERNEL_SIZE_TEXT = {
@@ -85,6 +86,9 @@ class LayerInfo:
             forward map up to rounding (the conformance suite compares it with the dense
             Jacobian only where this is true). A layer that returns something else must say
             in its docstring what it returns.
+        dtypes: the floating-point dtypes the layer runs in (forward, inverse and backward), as
+            names; others raise ``UnsupportedError``. Most layers need a triangular solve or a
+            determinant, which torch implements for float32 and float64 only.
     """
 
     name: str
@@ -99,8 +103,11 @@ class LayerInfo:
     summary: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     exact_logdet: bool = True
+    dtypes: tuple[str, ...] = ("float32", "float64")
 
     def __post_init__(self) -> None:
+        if not self.dtypes or not all(d in FLOAT_DTYPES for d in self.dtypes):
+            raise ValueError(f"dtypes must be a non-empty tuple of {', '.join(FLOAT_DTYPES)}, got {self.dtypes!r}")
         if self.sequential not in ("forward", "inverse", "none"):
             raise ValueError(f"sequential must be 'forward', 'inverse' or 'none', got {self.sequential!r}")
         if self.kernel_sizes not in _KERNEL_SIZE_TEXT:
@@ -118,7 +125,15 @@ class LayerInfo:
             return f"C % {self.channel_multiple} == 0, C >= {max(self.min_channels, self.channel_multiple)}"
         return f"C >= {self.min_channels}"
 
-    def check(self, channels: Any, kernel_size: Any = None, input_size: Any = None, device: Any = None) -> None:
+    def check_dtype(self, dtype: Any) -> None:
+        """``UnsupportedError`` naming the supported dtypes if ``dtype`` (a name or a
+        ``torch.dtype``) is not among them."""
+        name = _dtype(dtype) if isinstance(dtype, torch.dtype) else str(dtype)
+        if name not in self.dtypes:
+            raise UnsupportedError(f"{self.name}: unsupported dtype {name}; accepted: {', '.join(self.dtypes)}")
+
+    def check(self, channels: Any, kernel_size: Any = None, input_size: Any = None, device: Any = None,
+              dtype: Any = None) -> None:
         """Raise a clear error if the request is invalid or outside the declared capabilities.
 
         ``LayerError`` for values that no layer accepts (kernel size 0, a string for channels);
@@ -141,11 +156,17 @@ class LayerInfo:
                 raise UnsupportedError(
                     f"{self.name}: unsupported kernel_size={kernel_size}; accepted: {self.describe_kernel_sizes()}"
                 )
+        elif kernel_size is not None and (not _is_int(kernel_size) or kernel_size < 1):
+            # Ignored by this layer, but a nonsense value is a mistake worth naming.
+            raise LayerError(f"{self.name}: kernel_size must be None or a positive integer (it does not apply to "
+                             f"this layer and is ignored), got {kernel_size!r}")
         if self.needs_input_size and input_size is None:
             raise LayerError(f"{self.name}: input_size is required (an int or (H, W)) because the layer "
                              "is built for a fixed image size")
         if input_size is not None:
             normalize_input_size(input_size, self.name)
+        if dtype is not None:
+            self.check_dtype(dtype)
         if device is not None:
             dev_type = torch.device(device).type
             if dev_type not in self.devices:
@@ -158,6 +179,7 @@ class LayerInfo:
         d = asdict(self)
         d["paper"]["citation"] = str(self.paper)
         d["devices"] = list(self.devices)
+        d["dtypes"] = list(self.dtypes)
         d["kernel_sizes_text"] = self.describe_kernel_sizes()
         d["channels_text"] = self.describe_channels()
         return d
@@ -235,6 +257,7 @@ class InvertibleLayer(nn.Module):
             )
         if not t.is_floating_point():
             raise LayerError(f"{name}: {what} must be a floating-point tensor, got {_dtype(t.dtype)}")
+        self.info.check_dtype(t.dtype)
         param = next(iter(self.parameters()), None)
         if param is not None and (param.dtype != t.dtype or param.device != t.device):
             raise LayerError(

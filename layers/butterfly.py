@@ -93,6 +93,7 @@ class Butterfly(InvertibleLayer):
         exact_inverse=True,
         sequential="none",
         kernel_sizes="n/a",
+        dtypes=("float16", "bfloat16", "float32", "float64"),  # no solve or determinant
         summary="forward = product of channel butterfly factors (2×2 blocks at stride 2^l); inverse = closed-form 2×2 inverses",
         options={
             "levels": "number of butterfly factors, 1 … ceil(log2 C) (default: all)",

@@ -49,7 +49,9 @@ class Entry:
                 obj = self._loader.load() if self._loader is not None else _import_target(self.target)
                 _validate_layer_class(obj)
                 self.cls = obj
-            except Exception as exc:  # noqa: BLE001 - any failure of a plugin makes it unavailable
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - any failure of a plugin (even sys.exit()) makes it unavailable
                 self.error = f"{type(exc).__name__}: {exc}"
             self.loaded = True
         return self.cls
@@ -118,6 +120,9 @@ def register(name: str, target: Any) -> None:
         raise LayerError(f"layer name must be a non-empty string, got {name!r}")
     if isinstance(target, str):
         entry = Entry(name, target, "runtime")
+    elif not isinstance(target, type):
+        raise LayerError(f"register({name!r}, ...): target must be a layer class or a 'module:Class' string, "
+                         f"got {type(target).__name__} {target!r}")
     else:
         entry = Entry(name, f"{target.__module__}:{target.__qualname__}", "runtime", cls=target, loaded=True)
         try:
@@ -149,8 +154,12 @@ def get(name: str) -> Any:
     all_entries = entries()
     entry = all_entries.get(name)
     if entry is None:
-        known = ", ".join(available()) or "(none)"
-        raise UnknownLayerError(f"unknown layer {name!r}; known layers: {known}")
+        import difflib
+
+        names = available()
+        close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UnknownLayerError(f"unknown layer {name!r}; {hint}known layers: {', '.join(names) or '(none)'}")
     cls = entry.load()
     if cls is None:
         raise LayerUnavailableError(f"layer {name!r} from {entry.source} is unavailable: {entry.error}")
@@ -186,7 +195,19 @@ def create(name: str, channels: int, kernel_size: int | None = 3, input_size: An
     return cls(channels, kernel_size=kernel_size, input_size=size, **options)
 
 
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """``LayerError`` if ``options`` are not keyword options that layer ``name`` accepts (or an
+    ``init_scale`` is not a finite number >= 0), without building the layer."""
+    _check_options(get(name), name, options)
+
+
 def _check_options(cls: Any, name: str, options: dict[str, Any]) -> None:
+    if "init_scale" in options:
+        import math
+
+        scale = options["init_scale"]
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+            raise LayerError(f"{name}: init_scale must be a finite number >= 0, got {scale!r}")
     try:
         params = inspect.signature(cls).parameters
     except (TypeError, ValueError):

@@ -103,6 +103,7 @@ class SNF(InvertibleLayer):
         exact_logdet=False,
         sequential="none",
         kernel_sizes="odd",
+        dtypes=("float16", "bfloat16", "float32", "float64"),  # convolutions only (logdet="dense" needs 32/64 bits)
         summary="forward = k×k conv (same padding); inverse = conv with a learned approximate inverse kernel",
         options={
             "init_scale": "std of the initial deviation of W from the identity kernel (default 0.01)",

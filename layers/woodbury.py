@@ -10,6 +10,7 @@ from torch import nn
 from .base import InvertibleLayer, LayerError, LayerInfo, Paper, normalize_input_size
 
 VARIANTS: tuple[str, ...] = ("standard", "me")
+DEFAULT_RANK = 16  # the rank of each transform when none is given (reduced to the dimension if smaller)
 
 
 def _low_rank_apply(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int) -> torch.Tensor:
@@ -77,8 +78,10 @@ class Woodbury(InvertibleLayer):
         kernel_size: ignored (does not apply).
         input_size: ``H`` or ``(H, W)``, required.
         variant: ``"standard"`` (channel + spatial) or ``"me"`` (channel + height + width).
-        channel_rank: requested ``d_c`` (default 16, clamped to C).
-        spatial_rank: requested ``d_s`` (standard) or ``d_h``, ``d_w`` (ME) (default 16, clamped).
+        channel_rank: ``d_c``, 1 … C (default: 16 or C if smaller).
+        spatial_rank: ``d_s`` (standard), 1 … H·W, or ``d_h`` and ``d_w`` (ME), 1 … min(H, W)
+            (default: 16, or the dimension if smaller). A given rank larger than its dimension
+            is an error, not silently reduced.
         init_scale: standard deviation of the initial ``U`` and ``V`` entries.
 
     References:
@@ -102,21 +105,21 @@ class Woodbury(InvertibleLayer):
         summary="forward = channel (I + U_c V_c) then spatial (I + U_s V_s); inverse = Woodbury identity",
         options={
             "variant": "'standard' (channel + spatial over H·W) or 'me' (channel + height + width)",
-            "channel_rank": "rank d_c of the channel transform (default 16, clamped to C)",
-            "spatial_rank": "rank of the spatial (or height and width) transforms (default 16, clamped)",
+            "channel_rank": "rank d_c of the channel transform, 1 … C (default: 16 or C if smaller)",
+            "spatial_rank": "rank of the spatial (or height and width) transforms (default: 16 or the size if smaller)",
             "init_scale": "std of the initial U and V entries (default 0.01)",
         },
     )
 
     def __init__(self, channels: int, kernel_size: int | None = None, input_size=None,
-                 variant: Literal["standard", "me"] = "standard", channel_rank: int = 16,
-                 spatial_rank: int = 16, init_scale: float = 0.01):
+                 variant: Literal["standard", "me"] = "standard", channel_rank: int | None = None,
+                 spatial_rank: int | None = None, init_scale: float = 0.01):
         super().__init__(channels, kernel_size, input_size)
         name = self.info.name
         if variant not in VARIANTS:
             raise LayerError(f"{name}: unknown variant {variant!r}; accepted: {', '.join(map(repr, VARIANTS))}")
         for option, rank in (("channel_rank", channel_rank), ("spatial_rank", spatial_rank)):
-            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
                 raise LayerError(f"{name}: {option} must be a positive integer, got {rank!r}")
         self.variant = variant
         height, width = self.input_size
@@ -129,16 +132,25 @@ class Woodbury(InvertibleLayer):
             self.register_parameter(f"v_{key}", nn.Parameter(torch.randn(d, n) * init_scale))
 
     @staticmethod
-    def ranks(channels: int, input_size: tuple[int, int], variant: str = "standard", channel_rank: int = 16,
-              spatial_rank: int = 16) -> dict[str, int]:
-        """Clamped rank of each transform, in the order the forward applies them."""
+    def ranks(channels: int, input_size: tuple[int, int], variant: str = "standard",
+              channel_rank: int | None = None, spatial_rank: int | None = None) -> dict[str, int]:
+        """The rank of each transform, in the order the forward applies them: a given rank, or
+        the default 16 reduced to the dimension; ``LayerError`` for a given rank above it."""
         height, width = input_size
-        ranks = {"channel": min(channel_rank, channels)}
+
+        def rank(option: str, given: int | None, n: int, what: str) -> int:
+            if given is None:
+                return min(DEFAULT_RANK, n)
+            if given > n:
+                raise LayerError(f"woodbury: {option}={given} exceeds {what} = {n}; accepted: 1 … {n}")
+            return given
+
+        ranks = {"channel": rank("channel_rank", channel_rank, channels, "the channel count C")}
         if variant == "me":
-            ranks["height"] = min(spatial_rank, height)
-            ranks["width"] = min(spatial_rank, width)
+            ranks["height"] = rank("spatial_rank", spatial_rank, height, "the height H")
+            ranks["width"] = rank("spatial_rank", spatial_rank, width, "the width W")
         else:
-            ranks["spatial"] = min(spatial_rank, height * width)
+            ranks["spatial"] = rank("spatial_rank", spatial_rank, height * width, "H·W")
         return ranks
 
     def _factors(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +188,7 @@ class Woodbury(InvertibleLayer):
     @staticmethod
     def parameter_count(channels: int, kernel_size: int | None = None,
                         input_size: int | tuple[int, int] | None = None, variant: str = "standard",
-                        channel_rank: int = 16, spatial_rank: int = 16) -> int:
+                        channel_rank: int | None = None, spatial_rank: int | None = None) -> int:
         size = normalize_input_size(input_size, "woodbury")
         if size is None:
             raise LayerError("woodbury: parameter_count needs input_size (an int or (H, W))")

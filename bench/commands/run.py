@@ -12,7 +12,10 @@ renders ours beside the published numbers (``paper.md``, ``paper.tex``).
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -30,6 +33,8 @@ examples:
   python -m bench run --preset all --quick --out results/quick --name {preset} --overwrite
   python -m bench run --resume results/runs/20261122T101500Z_abc1234
 """
+
+_DEFAULT_OUT = "results/runs"
 
 # Settings that --resume takes from the run folder instead of the command line.
 _SWEEP_SETTINGS = ("sweep", "layers", "device", "dtype", "channels", "batch", "input_size", "kernel_size",
@@ -108,7 +113,7 @@ def _option(text: str) -> tuple[str, str, object]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_measure_arguments(p)
     o = p.add_argument_group("where results go")
-    o.add_argument("--out", metavar="DIR", default="results/runs",
+    o.add_argument("--out", metavar="DIR", default=_DEFAULT_OUT,
                    help="folder in which the run folder is created (default results/runs)")
     o.add_argument("--name", metavar="NAME",
                    help="name of the run folder instead of <UTC timestamp>_<git sha>; '{preset}' is replaced by the "
@@ -171,8 +176,11 @@ def add_measure_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--max-time", type=float, metavar="S",
                    help="stop sampling a slow direction after S seconds (once 3 samples exist)")
     t.add_argument("--warmup", type=lambda s: _positive_ints(s)[0], metavar="N", help="minimum warm-up calls (default 3)")
-    t.add_argument("--warmup-time", type=float, metavar="S", help="minimum warm-up time per process, seconds (default 0.1 on a CPU, 0.2 on a GPU)")
-    t.add_argument("--timeout", type=float, metavar="S", help="timeout of each worker process of a cell, in seconds (default 300)")
+    t.add_argument("--warmup-time", type=float, metavar="S",
+                   help="minimum warm-up time per process, seconds (default 0.1 on a CPU, 0.2 on a GPU)")
+    t.add_argument("--timeout", type=float, metavar="S",
+                   help="timeout of each worker process of a cell, not counting its start, in seconds (default 300; "
+                        "0: no limit)")
     t.add_argument("--processes", type=lambda s: _positive_ints(s)[0], metavar="N",
                    help=f"fresh worker processes per cell, each warmed up and sampled on its own; tables show the "
                         f"median over processes and their spread (default {PROCESSES_DEFAULT})")
@@ -209,8 +217,17 @@ def resolve_config(args: argparse.Namespace, preset_name: str | None = None):
     if preset_name:
         preset = _load_preset(preset_name)
         base = preset.settings(quick=args.quick)
+        from ..paper import available_tables
+
+        # Rendered after the sweep: found out now, not after hours of measuring.
+        if preset.paper_table not in available_tables():
+            raise UsageError(f"preset {preset.name}: paper table {preset.paper_table!r} is not in results/paper/ "
+                             f"(known: {', '.join(available_tables())})")
 
     names = _flatten(args.layers)
+    if names == []:
+        raise UsageError("--layers names no layer; give comma-separated names (see `python -m bench list`) "
+                         "or leave it out for every layer")
     if names is None:
         names = base.get("layers", "all")
         names = layers.available() if names == "all" else names
@@ -236,6 +253,9 @@ def resolve_config(args: argparse.Namespace, preset_name: str | None = None):
                         ("kernel_size", args.kernel_size)):
         if given:
             values[axis] = given
+    # An axis given several values is swept, whether or not --sweep names it (else the tables
+    # would mix its values in one column and say "Swept: nothing").
+    sweep += [axis for axis in SWEEPABLE if axis not in sweep and len(values[axis]) > 1]
     directions = args.directions or base.get("directions") or list(DIRECTIONS)
     for d in directions:
         if d not in DIRECTIONS:
@@ -245,6 +265,12 @@ def resolve_config(args: argparse.Namespace, preset_name: str | None = None):
         if layer not in names:
             raise UsageError(f"--option {layer}:{key}: layer {layer!r} is not in this run ({', '.join(names)})")
         options.setdefault(layer, {})[key] = value
+    for layer, opts in options.items():
+        try:
+            layers.check_options(layer, opts)
+        except layers.LayerError as exc:
+            raise UsageError(f"--option: {exc}") from None
+    _check_solver()
     model: dict = {}
     if scope == "model":
         model = {**MODEL_DEFAULTS, "steps": _MODEL_STEPS_DEFAULT[device], **base.get("model", {})}
@@ -257,8 +283,8 @@ def resolve_config(args: argparse.Namespace, preset_name: str | None = None):
     for key in ("repeat", "min_time", "max_time", "warmup", "warmup_time", "timeout", "processes"):
         value = getattr(args, key)
         if value is not None:
-            if value < 0:
-                raise UsageError(f"--{key.replace('_', '-')} must be >= 0, got {value}")
+            if not math.isfinite(value) or value < 0:
+                raise UsageError(f"--{key.replace('_', '-')} must be a finite number >= 0, got {value}")
             timing[key] = value
     return SweepConfig(
         layers=names, sweep=sweep, values=values, device=device, dtype=args.dtype or "float32",
@@ -271,6 +297,20 @@ def resolve_config(args: argparse.Namespace, preset_name: str | None = None):
         seed=args.seed or 0, cold_cache=args.cold_cache, directions=directions, options=options,
         scope=scope, model=model, preset=preset.record(args.quick) if preset else None,
     )
+
+
+def _check_solver() -> None:
+    """``INVCONV_SOLVER`` (and the native CPU kernel's ISA choice) is read inside every worker;
+    a bad value there would make every cell an error, so it is checked before the first one."""
+    from layers import native
+
+    try:
+        native.requested_mode()
+        isa = getattr(native, "_cpu_isa_code", None)
+        if isa is not None:
+            isa()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _load_preset(name: str):
@@ -317,7 +357,7 @@ def main(args: argparse.Namespace) -> int:
         for name in presets.names():
             print(f"=== preset {name}", file=sys.stderr)
             status = max(status, run_one(args, name))
-            if status == 130:
+            if status in (130, 143):  # interrupted: Ctrl-C or SIGTERM
                 break
         return status
     return run_one(args, args.preset)
@@ -325,38 +365,77 @@ def main(args: argparse.Namespace) -> int:
 
 def run_one(args: argparse.Namespace, preset_name: str | None) -> int:
     from .. import runs
-    from ..environment import collect
-    from ..execute import run_cells
-    from ..report import write_plots, write_tables
-    from ..sweep import SweepConfig, expand
 
     if args.resume:
         given = [f"--{k.replace('_', '-')}" for k in _SWEEP_SETTINGS if getattr(args, k, None) not in (None, False)]
+        if getattr(args, "out", _DEFAULT_OUT) != _DEFAULT_OUT:
+            given.append("--out")
         if given:
-            raise UsageError(f"--resume takes every setting from RUN_DIR/{runs.CONFIG}; drop {', '.join(given)}")
-        run_dir = runs.check_run_dir(args.resume)
-        config = SweepConfig.from_json(runs.read_json(run_dir / runs.CONFIG))
-        env = runs.read_json(run_dir / runs.ENV) if (run_dir / runs.ENV).exists() else {}
-        env.setdefault("resumed", []).append({k: v for k, v in collect().items() if k in ("timestamp_utc", "command", "git")})
-        runs.write_json(run_dir / runs.ENV, env)
-    else:
-        config = resolve_config(args, preset_name)
-        if config.metric == "instructions":
-            _check_instructions(config)
-        env = collect()
-        name = args.name.replace("{preset}", preset_name or "run") if args.name else None
+            raise UsageError(f"--resume takes every setting (and the folder) from RUN_DIR/{runs.CONFIG}; "
+                             f"drop {', '.join(given)}")
+    # From here on SIGTERM ends the run as Ctrl-C does (and the lock is released either way).
+    with _sigterm_as_interrupt() as terminated:
         try:
-            run_dir = runs.new_run_dir(args.out, env["git"], name=name, overwrite=args.overwrite)
-        except FileExistsError as exc:
-            raise UsageError(str(exc)) from None
-        runs.write_json(run_dir / runs.ENV, env)
-        runs.write_json(run_dir / runs.CONFIG, config.to_json())
+            return _run_one(args, preset_name, terminated)
+        except KeyboardInterrupt:
+            if terminated:
+                print("\ninterrupted (SIGTERM)", file=sys.stderr)
+                return 143
+            raise
+
+
+def _run_one(args: argparse.Namespace, preset_name: str | None, terminated: list[int]) -> int:
+    from .. import runs
+    from ..environment import collect
+    from ..sweep import SweepConfig
+
+    lock = None
+    try:
+        if args.resume:
+            run_dir = runs.check_run_dir(args.resume)
+            # Held until the run ends: a second --resume (or an --overwrite) of this folder is refused.
+            lock = runs.RunLock(run_dir).acquire()
+            config = SweepConfig.from_json(runs.load_config(run_dir))
+            env = runs.read_json(run_dir / runs.ENV) if (run_dir / runs.ENV).exists() else {}
+            env.setdefault("resumed", []).append(
+                {k: v for k, v in collect().items() if k in ("timestamp_utc", "command", "git")})
+            runs.write_json(run_dir / runs.ENV, env)
+        else:
+            config = resolve_config(args, preset_name)
+            if config.metric == "instructions":
+                _check_instructions(config)
+            env = collect()
+            name = args.name.replace("{preset}", preset_name or "run") if args.name else None
+            run_dir, lock = runs.new_run_dir(args.out, env["git"], name=name, overwrite=args.overwrite)
+            runs.write_json(run_dir / runs.ENV, env)
+            runs.write_json(run_dir / runs.CONFIG, config.to_json())
+        return _measure(args, config, env, run_dir, terminated)
+    except runs.RunDirError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _measure(args: argparse.Namespace, config, env: dict, run_dir: Path, terminated: list[int]) -> int:
+    """Measure the cells of ``config`` not yet in ``run_dir`` (whose lock the caller holds), then
+    render the tables."""
+    from .. import records as records_mod
+    from .. import runs
+    from ..execute import run_cells
+    from ..report import write_plots, write_tables
+    from ..sweep import expand
 
     try:
         cells = expand(config)
     except Exception as exc:  # a layer of the stored config may no longer be installed
         raise UsageError(f"cannot expand the sweep: {exc}") from None
-    done = {r["key"] for r in runs.load_records(run_dir)}
+    existing = runs.load_records(run_dir)
+    foreign = records_mod.foreign(existing, config.to_json())
+    if foreign:
+        print(f"warning: {len(foreign)} record(s) in {run_dir / runs.RESULTS} do not belong to this run's "
+              f"configuration (copied from another run?), e.g. {foreign[0]['key']}", file=sys.stderr)
+    done = {r["key"] for r in existing}
     todo = [c for c in cells if c.key() not in done]
     print(f"run folder: {run_dir}", file=sys.stderr)
     if config.preset:
@@ -376,16 +455,16 @@ def run_one(args: argparse.Namespace, preset_name: str | None) -> int:
         f"models of {config.model['levels']} levels x {config.model['steps']} steps around each of")
     print(f"{len(cells)} cells ({len(cells) - len(todo)} already finished), {what} {len(config.layers)} layers, "
           f"device {config.device}, {config.dtype}, "
-          f"{'one process per cell' if config.isolate else 'in-process'}", file=sys.stderr)
+          f"{f'{config.processes} worker process(es) per cell' if config.isolate else 'in-process'}", file=sys.stderr)
 
     bar = _progress(len(cells), len(cells) - len(todo), args.no_progress)
-    interrupted = False
+    interrupted = None
     try:
         run_cells(cells, config, run_dir, done,
                   on_start=lambda cell: bar.set_postfix_str(cell.label(), refresh=True),
                   on_done=lambda cell, rec: _after_cell(bar, cell, rec))
     except KeyboardInterrupt:
-        interrupted = True
+        interrupted = "SIGTERM" if terminated else "Ctrl-C"
     finally:
         bar.close()
 
@@ -398,14 +477,15 @@ def run_one(args: argparse.Namespace, preset_name: str | None) -> int:
     if records:
         from ..report import markdown_report, paper_report
 
-        print(markdown_report(runs.read_json(run_dir / runs.CONFIG), env, records, metrics=["median"]))
+        print(markdown_report(runs.load_config(run_dir), env, records, metrics=["median"]))
         if config.preset:
             print(paper_report(run_dir, config.preset["paper_table"], "md"))
     if interrupted:
-        print(f"interrupted: {len(records)} of {len(cells)} cells are saved in {run_dir}\n"
-              f"resume with: python -m bench run --resume {run_dir}", file=sys.stderr)
-        return 130
-    files = ", ".join(p.name for p in sorted(Path(run_dir).iterdir()) if p.is_file())
+        saved = len({r["key"] for r in records} & {c.key() for c in cells})
+        print(f"interrupted ({interrupted}): {saved} of {len(cells)} cells are saved in {run_dir}\n"
+              f"resume with: python -m bench run --resume {shlex.quote(str(run_dir))}", file=sys.stderr)
+        return 143 if interrupted == "SIGTERM" else 130
+    files = ", ".join(p.name for p in sorted(Path(run_dir).iterdir()) if p.is_file() and not p.name.startswith("."))
     print(f"results: {run_dir}  ({files})")
     return 0
 
@@ -425,6 +505,32 @@ def _check_instructions(config) -> None:
         require_valgrind()
     except InstructionsUnavailable as exc:
         raise UsageError(str(exc)) from None
+
+
+class _sigterm_as_interrupt:
+    """While a run holds its folder, SIGTERM (what CI cancellation, ``timeout`` and ``kill`` send)
+    ends it as Ctrl-C does: the cell in flight is abandoned (its worker's process group killed),
+    the finished cells are rendered, and the resume hint is printed. Yields a list that is
+    non-empty once SIGTERM arrived."""
+
+    def __enter__(self) -> list[int]:
+        self.terminated: list[int] = []
+        self.previous = None
+
+        def on_term(signum, frame):  # noqa: ARG001
+            self.terminated.append(signum)
+            if len(self.terminated) == 1:  # a second SIGTERM must not interrupt the clean-up of the first
+                raise KeyboardInterrupt
+
+        try:
+            self.previous = signal.signal(signal.SIGTERM, on_term)
+        except ValueError:  # not the main thread: leave SIGTERM alone
+            self.previous = None
+        return self.terminated
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 class _NoBar:

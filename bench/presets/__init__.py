@@ -91,6 +91,12 @@ def names(directory: Path = PRESET_DIR) -> list[str]:
 
 
 def load(name: str, directory: Path = PRESET_DIR) -> Preset:
+    """The preset ``name`` (a file name under ``directory`` without ``.toml``; paths are refused:
+    a preset is part of the package, so that a run folder's preset name says what was run)."""
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith(".") \
+            or name.endswith(".toml"):
+        raise PresetError(f"--preset takes a preset's name, not a path: {name!r}; "
+                          f"known: {', '.join(names(directory)) or '(none)'}, or {ALL!r}")
     path = Path(directory) / f"{name}.toml"
     if not path.exists():
         raise PresetError(f"unknown preset {name!r}; known: {', '.join(names(directory)) or '(none)'}, or {ALL!r}")
@@ -152,6 +158,8 @@ def parse(d: dict[str, Any], path: Path | None = None) -> Preset:
         need(len(d["values"][axis]) > 1, f"swept axis {axis} needs several values")
     check_section(d.get("model", {}), _MODEL_KEYS, "model")
     check_section(d.get("timing", {}), _TIMING_KEYS, "timing")
+    for key in ("name", "title", "paper_table", "description"):
+        need(isinstance(d[key], str) and d[key].strip(), f"{key} must be a non-empty string")
     if d["scope"] == "model":
         need(d.get("model"), "a model preset needs a [model] section (levels, steps, hidden_width)")
     quick = d.get("quick")
@@ -163,10 +171,54 @@ def parse(d: dict[str, Any], path: Path | None = None) -> Preset:
     check_section(quick.get("timing", {}), _TIMING_KEYS, "quick.timing")
     if "directions" in quick:
         check_directions(quick["directions"])
+    if "layers" in quick:
+        need(quick["layers"] == ALL or (isinstance(quick["layers"], list) and quick["layers"] and
+                                        all(isinstance(x, str) for x in quick["layers"])),
+             f"quick.layers must be {ALL!r} or a list of layer names")
+    for what, section in (("model", d.get("model", {})), ("quick.model", quick.get("model", {}))):
+        _check_model(section, what, need)
+    for what, section in (("timing", d.get("timing", {})), ("quick.timing", quick.get("timing", {}))):
+        _check_timing(section, what, need)
     return Preset(name=d["name"], title=d["title"], paper_table=d["paper_table"], description=d["description"],
                   scope=d["scope"], layers=d["layers"], sweep=list(d["sweep"]), directions=list(d["directions"]),
                   values=dict(d["values"]), model=dict(d.get("model", {})), timing=dict(d.get("timing", {})),
                   quick=dict(quick), path=path)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    import math
+
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _check_model(section: dict[str, Any], what: str, need) -> None:
+    """Every [model] value, so that a bad one is refused before anything is measured."""
+    from ..sweep import MIXING_MODES
+
+    for key in ("levels", "steps", "hidden_width"):
+        if key in section:
+            need(_is_int(section[key]) and section[key] >= 1,
+                 f"{what}.{key} must be a positive integer, got {section[key]!r}")
+    if "mixing" in section:
+        need(section["mixing"] in MIXING_MODES,
+             f"{what}.mixing must be one of {', '.join(MIXING_MODES)}, got {section['mixing']!r}")
+
+
+def _check_timing(section: dict[str, Any], what: str, need) -> None:
+    """Every [timing] value: counts are positive integers, times finite numbers >= 0 (timeout 0:
+    no limit)."""
+    for key in ("repeat", "warmup", "threads"):
+        if key in section:
+            need(_is_int(section[key]) and section[key] >= 1,
+                 f"{what}.{key} must be a positive integer, got {section[key]!r}")
+    for key in ("min_time", "max_time", "warmup_time", "timeout"):
+        if key in section:
+            need(_is_number(section[key]) and section[key] >= 0,
+                 f"{what}.{key} must be a number of seconds >= 0, got {section[key]!r}")
 
 
 def validate(preset: Preset) -> list[str]:

@@ -1,0 +1,162 @@
+"""The results record: its fields, which status wins, and how ``results.jsonl`` is read and appended.
+
+Every reader and writer of a run's ``results.jsonl`` goes through this module, so a torn last
+line (a run killed mid-write, or NUL bytes left by a crash), a JSON line that is not a record, or
+a record of another configuration is handled the same way everywhere:
+
+- :func:`append` starts the new record on a fresh line (a torn or NUL-padded last line is cut
+  off first, so the next record is never glued onto a fragment) and fsyncs it before returning;
+- :func:`read` skips what is not a record with a warning (line number and why) and keeps the last
+  record of each key (a cell re-run after a resume replaces its earlier record).
+
+A record is one cell: ``{"schema", "key", "cell", "directions", "status", "message", ...}``.
+Only the required fields are checked, so records may carry more (per-process fields, say).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+SCHEMA = 1
+RESULTS = "results.jsonl"
+
+# When directions differ, a cell's status is the most telling one: the first of this list.
+STATUS_PRIORITY = ("unsupported", "oom", "timeout", "error", "nonfinite", "ok")
+STATUSES = frozenset(STATUS_PRIORITY)
+REQUIRED = ("key", "cell", "directions", "status")
+
+
+class RecordError(ValueError):
+    """A JSON value that is not a results record."""
+
+
+def worst_status(statuses) -> str:
+    """The status that wins among ``statuses`` (unknown statuses, e.g. from a newer version, win
+    over everything: they are not "ok" and we cannot rank them)."""
+    statuses = list(statuses)
+    if not statuses:
+        raise ValueError("worst_status() of no statuses")
+    return min(statuses, key=lambda s: STATUS_PRIORITY.index(s) if s in STATUSES else -1)
+
+
+def validate(record: Any) -> dict[str, Any]:
+    """``record`` if it has the required fields with the right types, else ``RecordError``."""
+    if not isinstance(record, dict):
+        raise RecordError(f"a {type(record).__name__}, not a record (a JSON object)")
+    missing = [k for k in REQUIRED if k not in record]
+    if missing:
+        raise RecordError(f"no {', '.join(missing)} field{'s' if len(missing) > 1 else ''}")
+    if not isinstance(record["key"], str):
+        raise RecordError(f"key must be a string, got {type(record['key']).__name__}")
+    if not isinstance(record["cell"], dict) or not isinstance(record["cell"].get("layer"), str):
+        raise RecordError("cell must be an object with a layer name")
+    if not isinstance(record["directions"], dict) or not all(
+            isinstance(d, dict) and isinstance(d.get("status"), str) for d in record["directions"].values()):
+        raise RecordError("directions must map each direction to an object with a status")
+    if not isinstance(record["status"], str):
+        raise RecordError(f"status must be a string, got {type(record['status']).__name__}")
+    return record
+
+
+def read(run_dir: str | os.PathLike, *, latest: bool = True) -> list[dict[str, Any]]:
+    """The records of a run folder, in file order; what is not a record is skipped with a warning.
+
+    ``latest``: keep only the last record of each key (a cell re-measured after a resume).
+    """
+    path = Path(run_dir) / RESULTS
+    if not path.exists():
+        return []
+    records = []
+    # Bytes, not text: a crash can leave NUL bytes or half a UTF-8 sequence at the end.
+    for i, raw in enumerate(path.read_bytes().split(b"\n")):
+        line = raw.strip(b"\0 \t\r")
+        if not line:
+            continue
+        try:
+            records.append(validate(json.loads(line.decode("utf-8"))))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            warnings.warn(f"{path}:{i + 1}: skipping a line that is not JSON (a write interrupted by a crash?)",
+                          stacklevel=2)
+        except RecordError as exc:
+            warnings.warn(f"{path}:{i + 1}: skipping a JSON line that is not a record: {exc}", stacklevel=2)
+    if not latest:
+        return records
+    by_key: dict[str, dict[str, Any]] = {}
+    for r in records:
+        by_key.pop(r["key"], None)  # re-inserted: a re-measured cell takes its new place
+        by_key[r["key"]] = r
+    return list(by_key.values())
+
+
+def append(run_dir: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Append one record on a line of its own and force it to disk before returning."""
+    validate(record)
+    line = json.dumps({"schema": SCHEMA, **record}, default=_json_default).encode()
+    path = Path(run_dir) / RESULTS
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        _repair_tail(fd)
+        os.write(fd, line + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _repair_tail(fd: int) -> None:
+    """Cut a torn last line (no newline at the end: a write that was interrupted) and trailing NUL
+    bytes (what a crash can leave in a file's last block), so the next record starts a line.
+
+    The fragment is dropped, not kept: it is not a record (its cell was not saved, so it is
+    measured again), and a JSON fragment glued to the next record would lose that one too.
+    """
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return
+    # Look back far enough to find the last complete line's newline (records are a few KiB).
+    end, chunk = size, 1 << 16
+    while end > 0:
+        start = max(0, end - chunk)
+        data = os.pread(fd, end - start, start)
+        if data.endswith(b"\n") and end == size:
+            return  # intact
+        nl = data.rfind(b"\n")
+        if nl >= 0:
+            keep = start + nl + 1
+            break
+        end = start
+    else:
+        keep = 0
+    tail = os.pread(fd, size - keep, keep)
+    if tail.strip(b"\0"):
+        warnings.warn(f"dropping a torn last line of {len(tail)} bytes from {RESULTS} (an interrupted write); "
+                      "its cell is measured again", stacklevel=3)
+    os.ftruncate(fd, keep)
+
+
+def _json_default(obj: Any) -> Any:
+    return str(obj)  # e.g. a torch.dtype in a layer option
+
+
+def foreign(records: list[dict[str, Any]], config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records whose cell the run's configuration (``config.json``'s content) does not
+    describe: copied in from another run, or left from an earlier configuration. Checked field
+    by field, so it needs no layer registry (a layer's kernel size may not apply: ``None``)."""
+    values = config.get("values") or {}
+    sizes = [tuple(s) if isinstance(s, list) else (s, s) for s in values.get("input_size", [])]
+    out = []
+    for r in records:
+        c = r["cell"]
+        ok = (c.get("layer") in config.get("layers", [])
+              and c.get("device") == config.get("device") and c.get("dtype") == config.get("dtype")
+              and c.get("batch") in values.get("batch", []) and c.get("channels") in values.get("channels", [])
+              and (c.get("kernel_size") is None or c.get("kernel_size") in values.get("kernel_size", []))
+              and (c.get("height"), c.get("width")) in sizes
+              and (c.get("scope") or "layer") == (config.get("scope") or "layer")
+              and (c.get("options") or {}) == ((config.get("options") or {}).get(c.get("layer")) or {}))
+        if not ok:
+            out.append(r)
+    return out
