@@ -20,6 +20,7 @@ from typing import Any
 
 from .measure import TimingPolicy
 from .runs import ROOT, append_record
+from .shards import where
 from .sweep import Cell, SweepConfig
 
 # When a direction fails, the cell's status is the most telling of its directions' statuses.
@@ -72,15 +73,17 @@ def _request(cell: Cell, config: SweepConfig) -> dict[str, Any]:
             "threads": config.threads, "directions": list(config.directions)}
 
 
-def run_isolated(cell: Cell, config: SweepConfig, root: Path | None = None) -> dict[str, Any]:
+def run_isolated(cell: Cell, config: SweepConfig, root: Path | None = None,
+                 env: dict[str, str] | None = None) -> dict[str, Any]:
     """Measure ``cell`` in a fresh ``python -m bench.worker`` process, killed after ``config.timeout``.
 
     ``root``: the code tree whose ``bench`` and ``layers`` the worker imports (default: this
     one, :data:`bench.runs.ROOT`). ``bench ab`` passes a checkout of another revision; that
-    revision's worker must accept this revision's request (see ``bench/ab.py``).
+    revision's worker must accept this revision's request (see ``bench/ab.py``). ``env``: variables
+    set for the worker on top of this process's (``--executor gpus`` pins CUDA_VISIBLE_DEVICES).
     """
     root = Path(root) if root is not None else ROOT
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     # The worker must run that very code, installed or not: its tree goes first on the path, and
     # it starts in that tree, because `python -m` puts the working directory before PYTHONPATH.
     env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
@@ -182,6 +185,7 @@ def run_cells(cells: list[Cell], config: SweepConfig, run_dir: Path, done: set[s
         record = precheck(cell, config.directions)
         if record is None:
             record = run_isolated(cell, config) if config.isolate else run_in_process(cell, config)
+        record["where"] = where("local", cell.device)
         append_record(run_dir, record)
         done.add(cell.key())
         measured += 1

@@ -161,7 +161,7 @@ def build_table(records: list[dict[str, Any]], sweep: list[str], metric: str, di
             status, msg = r["directions"].get(direction, {}).get("status"), r["directions"].get(direction, {}).get("message")
         else:  # params / recon error: only a failure to build or to run the round trip matters
             status, msg = (r.get("status"), r.get("message")) if r.get(metric) is None else (None, None)
-        if status in ("error", "oom", "timeout", "nonfinite") and msg:
+        if status in ("error", "oom", "timeout", "nonfinite", "lost") and msg:
             where = "" if column is None or targets != [_axis_value(c, column)] else f" {AXIS_TITLES[column]}={targets[0]}"
             notes.append(f"{' '.join(label)}{where}: {status}: {msg}")
     headers = ["layer"] + [AXIS_TITLES[a] for a in row_axes]

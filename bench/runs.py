@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -123,24 +122,13 @@ def _json_default(obj: Any) -> Any:
 
 
 def load_records(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every record of a run; a torn last line (killed mid-write) is skipped with a warning."""
-    path = Path(run_dir) / RESULTS
-    if not path.exists():
-        return []
-    records = []
-    lines = path.read_text().splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            warnings.warn(f"{path}:{i + 1}: skipping an unreadable record (interrupted write?)", stacklevel=2)
-    # A cell re-run after a resume replaces its earlier record.
-    by_key: dict[str, dict[str, Any]] = {}
-    for r in records:
-        by_key[r["key"]] = r
-    return list(by_key.values())
+    """Every record of a run: ``results.jsonl`` and the per-task shards of a sharded run
+    (``--executor slurm``), merged one record per cell, the newest winning (a cell re-run after
+    a resume replaces its earlier record); torn lines are skipped with a warning. See
+    :mod:`bench.shards`."""
+    from .shards import read_records
+
+    return read_records(run_dir)
 
 
 def check_run_dir(path: str | os.PathLike) -> Path:

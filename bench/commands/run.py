@@ -113,6 +113,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="finish an interrupted run, skipping its finished cells (settings come from RUN_DIR)")
     o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from ..executors import add_arguments as add_executor_arguments
+
+    add_executor_arguments(p)
 
 
 def add_measure_arguments(p: argparse.ArgumentParser) -> None:
@@ -308,11 +311,11 @@ def main(args: argparse.Namespace) -> int:
 
 
 def run_one(args: argparse.Namespace, preset_name: str | None) -> int:
-    from .. import runs
+    from .. import executors, runs
     from ..environment import collect
-    from ..execute import run_cells
     from ..report import write_plots, write_tables
-    from ..sweep import SweepConfig, expand
+    from ..shards import LOST, read_records
+    from ..sweep import SweepConfig
 
     if args.resume:
         given = [f"--{k.replace('_', '-')}" for k in _SWEEP_SETTINGS if getattr(args, k, None) not in (None, False)]
@@ -320,11 +323,19 @@ def run_one(args: argparse.Namespace, preset_name: str | None) -> int:
             raise UsageError(f"--resume takes every setting from RUN_DIR/{runs.CONFIG}; drop {', '.join(given)}")
         run_dir = runs.check_run_dir(args.resume)
         config = SweepConfig.from_json(runs.read_json(run_dir / runs.CONFIG))
+        executor, executor_options = executors.resolve(args, run_dir)
+        if args.dry_run:
+            return executors.dry_run(_expand(config), config, run_dir, _finished(run_dir), executor_options)
+        executors.check(executor, config)
         env = runs.read_json(run_dir / runs.ENV) if (run_dir / runs.ENV).exists() else {}
         env.setdefault("resumed", []).append({k: v for k, v in collect().items() if k in ("timestamp_utc", "command", "git")})
         runs.write_json(run_dir / runs.ENV, env)
     else:
         config = resolve_config(args, preset_name)
+        executor, executor_options = executors.resolve(args, None)
+        if args.dry_run:
+            return executors.dry_run(_expand(config), config, None, set(), executor_options)
+        executors.check(executor, config)
         env = collect()
         name = args.name.replace("{preset}", preset_name or "run") if args.name else None
         try:
@@ -333,12 +344,10 @@ def run_one(args: argparse.Namespace, preset_name: str | None) -> int:
             raise UsageError(str(exc)) from None
         runs.write_json(run_dir / runs.ENV, env)
         runs.write_json(run_dir / runs.CONFIG, config.to_json())
+    executors.save(run_dir, executor, executor_options)
 
-    try:
-        cells = expand(config)
-    except Exception as exc:  # a layer of the stored config may no longer be installed
-        raise UsageError(f"cannot expand the sweep: {exc}") from None
-    done = {r["key"] for r in runs.load_records(run_dir)}
+    cells = _expand(config)
+    done = _finished(run_dir)
     todo = [c for c in cells if c.key() not in done]
     print(f"run folder: {run_dir}", file=sys.stderr)
     if config.preset:
@@ -356,20 +365,24 @@ def run_one(args: argparse.Namespace, preset_name: str | None) -> int:
         f"models of {config.model['levels']} levels x {config.model['steps']} steps around each of")
     print(f"{len(cells)} cells ({len(cells) - len(todo)} already finished), {what} {len(config.layers)} layers, "
           f"device {config.device}, {config.dtype}, "
-          f"{'one process per cell' if config.isolate else 'in-process'}", file=sys.stderr)
+          f"{'one process per cell' if config.isolate else 'in-process'}, executor {executor}", file=sys.stderr)
 
     bar = _progress(len(cells), len(cells) - len(todo), args.no_progress)
     interrupted = False
     try:
-        run_cells(cells, config, run_dir, done,
-                  on_start=lambda cell: bar.set_postfix_str(cell.label(), refresh=True),
-                  on_done=lambda cell, rec: _after_cell(bar, cell, rec))
+        executors.run(executor, executor_options, cells, config, run_dir, done,
+                      on_start=lambda cell: bar.set_postfix_str(cell.label(), refresh=True),
+                      on_done=lambda cell, rec: _after_cell(bar, cell, rec))
     except KeyboardInterrupt:
         interrupted = True
     finally:
         bar.close()
 
-    records = runs.load_records(run_dir)
+    conflicts: list = []
+    records = read_records(run_dir, conflicts)
+    for c in conflicts:
+        print(f"warning: {c}", file=sys.stderr)
+    lost = [r for r in records if r.get("status") == LOST]
     write_tables(run_dir)
     if not args.no_plots and records:
         write_plots(run_dir)
@@ -385,7 +398,27 @@ def run_one(args: argparse.Namespace, preset_name: str | None) -> int:
         return 130
     files = ", ".join(p.name for p in sorted(Path(run_dir).iterdir()) if p.is_file())
     print(f"results: {run_dir}  ({files})")
+    if lost:
+        print(f"{len(lost)} cells were lost (their task ended first; see the table's notes); "
+              f"run them with: python -m bench run --resume {run_dir}", file=sys.stderr)
+        return 3
     return 0
+
+
+def _expand(config):
+    from ..sweep import expand
+
+    try:
+        return expand(config)
+    except Exception as exc:  # a layer of the stored config may no longer be installed
+        raise UsageError(f"cannot expand the sweep: {exc}") from None
+
+
+def _finished(run_dir) -> set[str]:
+    """Cells that --resume skips: every recorded cell but the lost ones."""
+    from ..shards import finished_keys, read_records
+
+    return finished_keys(read_records(run_dir, conflicts=[]))
 
 
 class _NoBar:
