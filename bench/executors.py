@@ -281,7 +281,7 @@ def make_executor(run_dir: Path, opts: SlurmOptions, config):
 
     submitit = _import_submitit()
     try:
-        ex = submitit.SlurmExecutor(folder=Path(run_dir).resolve() / SLURM_DIR / "%j")
+        ex = submitit.SlurmExecutor(folder=Path(run_dir) / SLURM_DIR / "%j")
     except RuntimeError as exc:  # no srun on this machine
         raise UsageError(f"--executor slurm: {exc}") from None
     gpus = opts.gpus_per_task if opts.gpus_per_task is not None else (1 if config.device == "cuda" else 0)
@@ -322,8 +322,9 @@ def job_script(ex, n_tasks: int) -> str:
                                **ex.parameters)
 
 
-def dry_run(cells, config, run_dir: Path | None, done: set[str], opts: SlurmOptions, out=sys.stdout) -> int:
+def dry_run(cells, config, run_dir: Path | None, done: set[str], opts: SlurmOptions, out=None) -> int:
     """Print what ``--executor slurm`` would submit, submitting nothing."""
+    out = out or sys.stdout
     keys = [c.key() for c in cells if c.key() not in done]
     by_key = {c.key(): c for c in cells}
     groups = groups_of(keys, opts.cells_per_task)
@@ -380,8 +381,8 @@ def run_slurm(cells, config, run_dir: Path, done: set[str], opts: SlurmOptions,
     if not keys:
         return 0
     groups = groups_of(keys, opts.cells_per_task)
-    ex = make_executor(run_dir, opts, config)
     run_dir = Path(run_dir).resolve()
+    ex = make_executor(run_dir, opts, config)
     jobs = ex.map_array(slurm_task, [str(run_dir)] * len(groups), groups)
     array_id = jobs[0].job_id.split("_")[0]
     _remember_job(run_dir, array_id)
