@@ -328,7 +328,7 @@ def dry_run(cells, config, run_dir: Path | None, done: set[str], opts: SlurmOpti
     keys = [c.key() for c in cells if c.key() not in done]
     by_key = {c.key(): c for c in cells}
     groups = groups_of(keys, opts.cells_per_task)
-    folder = Path(run_dir) if run_dir is not None else Path("RUN_DIR")
+    folder = Path(run_dir) if run_dir is not None else Path("/RUN_DIR")  # a placeholder: no folder yet
     ex = make_executor(folder, opts, config)
     print(f"# dry run: {len(keys)} cells in {len(groups)} array tasks "
           f"({len(cells) - len(keys)} already finished); nothing submitted", file=out)
@@ -400,7 +400,8 @@ def run_slurm(cells, config, run_dir: Path, done: set[str], opts: SlurmOptions,
             if k not in wanted or k in reported:
                 continue
             if rec.get("status") == LOST:
-                if (rec.get("where") or {}).get("slurm_array_job_id") == array_id:
+                w = rec.get("where") or {}
+                if (w.get("slurm_array_job_id") or w.get("slurm_job_id")) == array_id:  # one task: no array
                     accounted.add(k)
             else:
                 reported.add(k)
@@ -433,10 +434,13 @@ def run_slurm(cells, config, run_dir: Path, done: set[str], opts: SlurmOptions,
 
     # Cells no task finished: say why, per task, and record them as lost.
     for i, (job, group) in enumerate(zip(jobs, groups)):
-        missing = [k for k in group if k not in reported and k not in accounted]
-        if not missing:
+        unfinished = [k for k in group if k not in reported]
+        if not unfinished:
             continue
         why = _why_ended(job, last_states.get(job.job_id))
+        print(f"SLURM task {job.job_id} {why}: {len(group) - len(unfinished)} of its {len(group)} cells finished, "
+              f"{len(unfinished)} lost", file=sys.stderr)
+        missing = [k for k in unfinished if k not in accounted]
         for k in missing:
             rec = lost_record(asdict(by_key[k]), k, config.directions,
                               f"SLURM task {job.job_id} {why} before this cell finished; --resume runs it again")
