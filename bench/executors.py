@@ -148,6 +148,9 @@ def run(name: str, opts: SlurmOptions, cells, config, run_dir: Path, done: set[s
 
 def check(name: str, config) -> None:
     """Refuse an executor that cannot work here, before a run folder is made."""
+    if name != "local" and not config.isolate:
+        raise UsageError(f"--no-isolate measures in this process; --executor {name} runs every cell in a worker "
+                         "process of its own (drop --no-isolate, or use --executor local)")
     if name == "gpus":
         gpu_slots(config)
     elif name == "slurm":
@@ -344,7 +347,14 @@ def active_jobs(run_dir: Path) -> list[str]:
     if not path.exists():
         return []
     jobs = json.loads(path.read_text()).get("jobs") or []
-    return [j for j in jobs if _squeue(j) is not None and any(s in _ACTIVE for s in _squeue(j).values())]
+    active = []
+    for job in jobs:
+        states = _squeue(job)
+        if states is None:
+            raise UsageError(f"squeue cannot say whether job {job} of this run still runs; try again")
+        if any(state in _ACTIVE for state in states.values()):
+            active.append(job)
+    return active
 
 
 def _squeue(job_id: str) -> dict[str, str] | None:

@@ -19,6 +19,7 @@ SLURM job, array job and array task ids.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import socket
@@ -50,26 +51,33 @@ class Conflict:
 
 def where(executor: str, device: str | None = None, gpu_index: int | str | None = None,
           gpu_name: str | None = None) -> dict[str, Any]:
-    """Where and when a record was made; SLURM's ids are read from the environment."""
-    out: dict[str, Any] = {"executor": executor, "host": socket.gethostname(), "pid": os.getpid()}
-    if device == "cuda" and (gpu_index is None or gpu_name is None):
-        try:  # the submitting process (local executor) or a SLURM task measures on cuda:0 of what it sees
-            import torch
-
-            if torch.cuda.is_available():
-                gpu_name = gpu_name or torch.cuda.get_device_name(0)
-        except Exception:  # noqa: BLE001 - provenance must never fail a record
-            pass
+    """Where and when a record was made. ``gpu_index``: the GPU as this machine numbers it (by
+    default the first of ``CUDA_VISIBLE_DEVICES``, which SLURM sets for a task's GPUs, else 0 for
+    cuda cells); SLURM's job ids are read from the environment."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if gpu_index is None and visible:
-        gpu_index = visible.split(",")[0]
-    out["gpu_index"] = gpu_index
-    out["gpu_name"] = gpu_name
-    out["cuda_visible_devices"] = visible
+    if gpu_index is None and (visible or device == "cuda"):
+        gpu_index = visible.split(",")[0] if visible else 0
+    if isinstance(gpu_index, str) and gpu_index.isdigit():
+        gpu_index = int(gpu_index)
+    if gpu_name is None and device == "cuda":
+        gpu_name = _cuda_name()
+    out: dict[str, Any] = {"executor": executor, "host": socket.gethostname(), "pid": os.getpid(),
+                           "gpu_index": gpu_index, "gpu_name": gpu_name, "cuda_visible_devices": visible}
     for field, var in _SLURM_ENV.items():
         out[field] = os.environ.get(var)
     out["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_name() -> str | None:
+    """The name of the GPU that a worker started from here measures on (its cuda:0)."""
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001 - provenance must never fail a record
+        return None
 
 
 def shard_path(run_dir: str | os.PathLike, name: str) -> Path:

@@ -89,5 +89,5 @@ def test_where_names_host_gpu_and_slurm_ids(monkeypatch):
     w = shards.where("slurm", "cpu")
     assert w["executor"] == "slurm" and w["host"]
     assert (w["slurm_job_id"], w["slurm_array_job_id"], w["slurm_array_task_id"]) == ("41", "40", "1")
-    assert w["gpu_index"] == "3" and w["cuda_visible_devices"] == "3"
+    assert w["gpu_index"] == 3 and w["cuda_visible_devices"] == "3"
     assert w["finished_utc"].endswith("+00:00")

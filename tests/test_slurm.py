@@ -79,7 +79,7 @@ def test_slurm_sweep_matches_the_local_run_and_array_tasks_get_different_gpus(tm
     assert tasks == {"0", "1"}
     gpu_of_task = {w["slurm_array_task_id"]: w["cuda_visible_devices"] for w in wheres}
     assert sorted(gpu_of_task.values()) == ["0", "1"], gpu_of_task
-    assert all(w["gpu_index"] == w["cuda_visible_devices"] for w in wheres)
+    assert all(str(w["gpu_index"]) == w["cuda_visible_devices"] for w in wheres)
 
     # The readers take the sharded run like any other.
     table = bench_in_process("table", str(slurm_dir))
