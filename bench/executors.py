@@ -131,7 +131,9 @@ def resolve(args: argparse.Namespace, run_dir: Path | None) -> tuple[str, SlurmO
 def save(run_dir: Path, name: str, opts: SlurmOptions) -> None:
     from .runs import write_json
 
-    write_json(Path(run_dir) / EXECUTOR_FILE, {"executor": name, "slurm": asdict(opts) if name == "slurm" else None})
+    path = Path(run_dir) / EXECUTOR_FILE
+    jobs = json.loads(path.read_text()).get("jobs", []) if path.exists() else []  # kept across resumes
+    write_json(path, {"executor": name, "slurm": asdict(opts) if name == "slurm" else None, "jobs": jobs})
 
 
 def run(name: str, opts: SlurmOptions, cells, config, run_dir: Path, done: set[str],

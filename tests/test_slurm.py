@@ -160,3 +160,4 @@ def test_time_limit_keeps_finished_cells_and_resume_submits_only_the_lost(tmp_pa
     # a job of one task is no array: SLURM sets no array ids then
     jobs = {r["where"]["slurm_array_job_id"] or r["where"]["slurm_job_id"] for r in final}
     assert len(jobs) == 2
+    assert json.loads((run_dir / "executor.json").read_text())["jobs"] == sorted(jobs, key=int)
