@@ -133,7 +133,8 @@ def test_time_limit_keeps_finished_cells_and_resume_submits_only_the_lost(tmp_pa
                 "--out", str(out), env={"TEST_CELL_SLEEP": "2"})
     took = time.monotonic() - start
     assert res.returncode == 3, res.stderr  # 3: some cells were lost
-    assert took < 120, f"the time-limit run took {took:.0f} s"
+    # SLURM kills the task 60-90 s in; the rest is starting bench (slow on a loaded machine).
+    assert took < 180, f"the time-limit run took {took:.0f} s"
     run_dir = only_run_dir(out)
     first = runs.load_records(run_dir)
     assert len(first) == 10
