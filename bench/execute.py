@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from .measure import TimingPolicy
-from .records import STATUS_PRIORITY, worst_status
+from .records import worst_status
 from .zygote import Zygote, ZygoteError
 from .runs import ROOT, append_record
+from .shards import where
 from .sweep import Cell, SweepConfig
 
 
@@ -128,13 +129,14 @@ def merge_processes(records: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def measure_processes(cell: Cell, config: SweepConfig, zygote: Any = None) -> dict[str, Any]:
+def measure_processes(cell: Cell, config: SweepConfig, zygote: Any = None,
+                      env: dict[str, str] | None = None) -> dict[str, Any]:
     """``cell`` measured in ``config.processes`` fresh worker processes, one after another, merged
     (:func:`merge_processes`). A cell that does not come out ``ok`` in its first process is not
     measured again: repeating an error or a timeout only costs time."""
     records = []
     for i in range(max(1, config.processes)):
-        record = run_isolated(cell, config, zygote=zygote)
+        record = run_isolated(cell, config, zygote=zygote, env=env)
         records.append(record)
         if i == 0 and record.get("status") != "ok":
             break
@@ -196,9 +198,10 @@ def _limit(timeout: float | None) -> float | None:
     return timeout if timeout and timeout > 0 else None
 
 
-def worker_env(root: Path) -> dict[str, str]:
-    """The environment of a worker running ``root``'s code."""
-    env = dict(os.environ)
+def worker_env(root: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a worker running ``root``'s code (``extra`` on top: ``--executor gpus``
+    pins CUDA_VISIBLE_DEVICES)."""
+    env = {**os.environ, **(extra or {})}
     # The worker must run that very code, installed or not: its tree goes first on the path, and
     # it starts in that tree, because `python -m` puts the working directory before PYTHONPATH.
     env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
@@ -206,10 +209,12 @@ def worker_env(root: Path) -> dict[str, str]:
     return env
 
 
-def run_isolated(cell: Cell, config: SweepConfig, root: Path | None = None, zygote: Any = None) -> dict[str, Any]:
+def run_isolated(cell: Cell, config: SweepConfig, root: Path | None = None, zygote: Any = None,
+                 env: dict[str, str] | None = None) -> dict[str, Any]:
     """Measure ``cell`` in a fresh worker process, killed after ``config.timeout``: forked from
     ``zygote`` (a :class:`bench.zygote.Zygote` of this tree) when given, else a new
-    ``python -m bench.worker`` process.
+    ``python -m bench.worker`` process. ``env``: variables set for a new worker on top of this
+    process's.
 
     ``root``: the code tree whose ``bench`` and ``layers`` the worker imports (default: this
     one, :data:`bench.runs.ROOT`). ``bench ab`` passes a checkout of another revision; that
@@ -229,7 +234,7 @@ def run_isolated(cell: Cell, config: SweepConfig, root: Path | None = None, zygo
     import time
 
     root = Path(root) if root is not None else ROOT
-    env = worker_env(root)
+    env = worker_env(root, env)
     oom_before = _oom_kills()
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -404,6 +409,7 @@ def run_cells(cells: list[Cell], config: SweepConfig, run_dir: Path, done: set[s
                     record = measure_processes(cell, config)
             elif record is None:
                 record = run_in_process(cell, config)
+            record["where"] = where("local", cell.device)
             append_record(run_dir, record)
             done.add(cell.key())
             measured += 1
@@ -437,6 +443,7 @@ def _count_cells(cells: list[Cell], config: SweepConfig, run_dir: Path, done: se
 
     def finish(cell: Cell, record: dict[str, Any]) -> None:
         nonlocal measured
+        record["where"] = where("local", cell.device)
         append_record(run_dir, record)
         done.add(cell.key())
         measured += 1

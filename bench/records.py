@@ -25,7 +25,8 @@ SCHEMA = 1
 RESULTS = "results.jsonl"
 
 # When directions differ, a cell's status is the most telling one: the first of this list.
-STATUS_PRIORITY = ("unsupported", "oom", "timeout", "error", "nonfinite", "ok")
+# "lost": a cell a SLURM task never finished (time limit, preemption); --resume measures it again.
+STATUS_PRIORITY = ("unsupported", "lost", "oom", "timeout", "error", "nonfinite", "ok")
 STATUSES = frozenset(STATUS_PRIORITY)
 REQUIRED = ("key", "cell", "directions", "status")
 
@@ -63,26 +64,15 @@ def validate(record: Any) -> dict[str, Any]:
 
 
 def read(run_dir: str | os.PathLike, *, latest: bool = True) -> list[dict[str, Any]]:
-    """The records of a run folder, in file order; what is not a record is skipped with a warning.
+    """The records of a run folder's ``results.jsonl``, in file order; what is not a record is
+    skipped with a warning. (A sharded run's readers use :func:`bench.shards.read_records`, which
+    reads every file of the run through :func:`read_file`.)
 
     ``latest``: keep only the last record of each key (a cell re-measured after a resume).
     """
-    path = Path(run_dir) / RESULTS
-    if not path.exists():
-        return []
-    records = []
-    # Bytes, not text: a crash can leave NUL bytes or half a UTF-8 sequence at the end.
-    for i, raw in enumerate(path.read_bytes().split(b"\n")):
-        line = raw.strip(b"\0 \t\r")
-        if not line:
-            continue
-        try:
-            records.append(validate(json.loads(line.decode("utf-8"))))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            warnings.warn(f"{path}:{i + 1}: skipping a line that is not JSON (a write interrupted by a crash?)",
-                          stacklevel=2)
-        except RecordError as exc:
-            warnings.warn(f"{path}:{i + 1}: skipping a JSON line that is not a record: {exc}", stacklevel=2)
+    records = read_file(Path(run_dir) / RESULTS)
+    for r in records:
+        r.pop("_line", None)
     if not latest:
         return records
     by_key: dict[str, dict[str, Any]] = {}
@@ -92,21 +82,49 @@ def read(run_dir: str | os.PathLike, *, latest: bool = True) -> list[dict[str, A
     return list(by_key.values())
 
 
+def read_file(path: Path) -> list[dict[str, Any]]:
+    """Every record of one JSON-lines file, in order, each with ``_line`` (its line number); what
+    is not a record is skipped with a warning."""
+    if not path.exists():
+        return []
+    records = []
+    # Bytes, not text: a crash can leave NUL bytes or half a UTF-8 sequence at the end.
+    for i, raw in enumerate(path.read_bytes().split(b"\n")):
+        line = raw.strip(b"\0 \t\r")
+        if not line:
+            continue
+        try:
+            record = validate(json.loads(line.decode("utf-8")))
+            record["_line"] = i + 1
+            records.append(record)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            warnings.warn(f"{path}:{i + 1}: skipping a line that is not JSON (a write interrupted by a crash?)",
+                          stacklevel=2)
+        except RecordError as exc:
+            warnings.warn(f"{path}:{i + 1}: skipping a JSON line that is not a record: {exc}", stacklevel=2)
+    return records
+
+
 def append(run_dir: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Append one record to the run's ``results.jsonl`` (see :func:`append_file`)."""
+    append_file(Path(run_dir) / RESULTS, record)
+
+
+def append_file(path: Path, record: dict[str, Any]) -> None:
     """Append one record on a line of its own and force it to disk before returning."""
     validate(record)
+    record = {k: v for k, v in record.items() if k != "_line"}
     line = json.dumps({"schema": SCHEMA, **record}, default=_json_default).encode()
-    path = Path(run_dir) / RESULTS
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        _repair_tail(fd)
+        _repair_tail(fd, Path(path).name)
         os.write(fd, line + b"\n")
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _repair_tail(fd: int) -> None:
+def _repair_tail(fd: int, name: str) -> None:
     """Cut a torn last line (no newline at the end: a write that was interrupted) and trailing NUL
     bytes (what a crash can leave in a file's last block), so the next record starts a line.
 
@@ -132,7 +150,7 @@ def _repair_tail(fd: int) -> None:
         keep = 0
     tail = os.pread(fd, size - keep, keep)
     if tail.strip(b"\0"):
-        warnings.warn(f"dropping a torn last line of {len(tail)} bytes from {RESULTS} (an interrupted write); "
+        warnings.warn(f"dropping a torn last line of {len(tail)} bytes from {name} (an interrupted write); "
                       "its cell is measured again", stacklevel=3)
     os.ftruncate(fd, keep)
 

@@ -181,7 +181,7 @@ def build_table(records: list[dict[str, Any]], sweep: list[str], metric: str, di
         else:  # params / recon error: only a failure to build or to run the round trip matters
             status, msg = (r.get("status"), r.get("message")) if r.get(metric) is None else (None, None)
         where = "" if column is None or targets != [_axis_value(c, column)] else f" {AXIS_TITLES[column]}={targets[0]}"
-        if status in ("error", "oom", "timeout", "nonfinite") and msg:
+        if status in ("error", "oom", "timeout", "nonfinite", "lost") and msg:
             notes.append(f"{' '.join(label)}{where}: {status}: {msg}")
         d = r["directions"].get(direction, {}) if direction else {}
         if d.get("unstable") and metric in ("median", "mean"):

@@ -227,9 +227,13 @@ def append_record(run_dir: Path, record: dict[str, Any]) -> None:
 
 
 def load_records(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every record of a run, the last of each cell; what is not a record is skipped with a
-    warning (see :func:`bench.records.read`)."""
-    return records.read(run_dir)
+    """Every record of a run: ``results.jsonl`` and the per-task shards of a sharded run
+    (``--executor slurm``), merged one record per cell, the newest winning (a cell re-run after
+    a resume replaces its earlier record); what is not a record is skipped with a warning. See
+    :mod:`bench.shards` and :mod:`bench.records`."""
+    from .shards import read_records
+
+    return read_records(run_dir)
 
 
 def load_config(run_dir: str | os.PathLike) -> dict[str, Any]:

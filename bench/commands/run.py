@@ -124,6 +124,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="finish an interrupted run, skipping its finished cells (settings come from RUN_DIR)")
     o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from ..executors import add_arguments as add_executor_arguments
+
+    add_executor_arguments(p)
 
 
 def add_measure_arguments(p: argparse.ArgumentParser) -> None:
@@ -389,6 +392,8 @@ def _run_one(args: argparse.Namespace, preset_name: str | None, terminated: list
     from ..environment import collect
     from ..sweep import SweepConfig
 
+    from .. import executors
+
     lock = None
     try:
         if args.resume:
@@ -396,6 +401,10 @@ def _run_one(args: argparse.Namespace, preset_name: str | None, terminated: list
             # Held until the run ends: a second --resume (or an --overwrite) of this folder is refused.
             lock = runs.RunLock(run_dir).acquire()
             config = SweepConfig.from_json(runs.load_config(run_dir))
+            executor, executor_options = executors.resolve(args, run_dir)
+            if args.dry_run:
+                return executors.dry_run(_expand(config), config, run_dir, _finished(run_dir), executor_options)
+            executors.check(executor, config)
             env = runs.read_json(run_dir / runs.ENV) if (run_dir / runs.ENV).exists() else {}
             env.setdefault("resumed", []).append(
                 {k: v for k, v in collect().items() if k in ("timestamp_utc", "command", "git")})
@@ -404,12 +413,17 @@ def _run_one(args: argparse.Namespace, preset_name: str | None, terminated: list
             config = resolve_config(args, preset_name)
             if config.metric == "instructions":
                 _check_instructions(config)
+            executor, executor_options = executors.resolve(args, None)
+            if args.dry_run:
+                return executors.dry_run(_expand(config), config, None, set(), executor_options)
+            executors.check(executor, config)
             env = collect()
             name = args.name.replace("{preset}", preset_name or "run") if args.name else None
             run_dir, lock = runs.new_run_dir(args.out, env["git"], name=name, overwrite=args.overwrite)
             runs.write_json(run_dir / runs.ENV, env)
             runs.write_json(run_dir / runs.CONFIG, config.to_json())
-        return _measure(args, config, env, run_dir, terminated)
+        executors.save(run_dir, executor, executor_options)
+        return _measure(args, config, env, run_dir, terminated, executor, executor_options)
     except runs.RunDirError as exc:
         raise UsageError(str(exc)) from None
     finally:
@@ -417,25 +431,23 @@ def _run_one(args: argparse.Namespace, preset_name: str | None, terminated: list
             lock.release()
 
 
-def _measure(args: argparse.Namespace, config, env: dict, run_dir: Path, terminated: list[int]) -> int:
+def _measure(args: argparse.Namespace, config, env: dict, run_dir: Path, terminated: list[int],
+             executor: str, executor_options) -> int:
     """Measure the cells of ``config`` not yet in ``run_dir`` (whose lock the caller holds), then
     render the tables."""
+    from .. import executors
     from .. import records as records_mod
     from .. import runs
-    from ..execute import run_cells
     from ..report import write_plots, write_tables
-    from ..sweep import expand
+    from ..shards import LOST, finished_keys, read_records
 
-    try:
-        cells = expand(config)
-    except Exception as exc:  # a layer of the stored config may no longer be installed
-        raise UsageError(f"cannot expand the sweep: {exc}") from None
+    cells = _expand(config)
     existing = runs.load_records(run_dir)
     foreign = records_mod.foreign(existing, config.to_json())
     if foreign:
         print(f"warning: {len(foreign)} record(s) in {run_dir / runs.RESULTS} do not belong to this run's "
               f"configuration (copied from another run?), e.g. {foreign[0]['key']}", file=sys.stderr)
-    done = {r["key"] for r in existing}
+    done = finished_keys(existing)  # every recorded cell but the lost ones
     todo = [c for c in cells if c.key() not in done]
     print(f"run folder: {run_dir}", file=sys.stderr)
     if config.preset:
@@ -455,14 +467,15 @@ def _measure(args: argparse.Namespace, config, env: dict, run_dir: Path, termina
         f"models of {config.model['levels']} levels x {config.model['steps']} steps around each of")
     print(f"{len(cells)} cells ({len(cells) - len(todo)} already finished), {what} {len(config.layers)} layers, "
           f"device {config.device}, {config.dtype}, "
-          f"{f'{config.processes} worker process(es) per cell' if config.isolate else 'in-process'}", file=sys.stderr)
+          f"{f'{config.processes} worker process(es) per cell' if config.isolate else 'in-process'}, "
+          f"executor {executor}", file=sys.stderr)
 
     bar = _progress(len(cells), len(cells) - len(todo), args.no_progress)
     interrupted = None
     try:
-        run_cells(cells, config, run_dir, done,
-                  on_start=lambda cell: bar.set_postfix_str(cell.label(), refresh=True),
-                  on_done=lambda cell, rec: _after_cell(bar, cell, rec))
+        executors.run(executor, executor_options, cells, config, run_dir, done,
+                      on_start=lambda cell: bar.set_postfix_str(cell.label(), refresh=True),
+                      on_done=lambda cell, rec: _after_cell(bar, cell, rec))
     except KeyboardInterrupt:
         interrupted = "SIGTERM" if terminated else "Ctrl-C"
     finally:
@@ -470,7 +483,11 @@ def _measure(args: argparse.Namespace, config, env: dict, run_dir: Path, termina
 
     env["load_average"]["end"] = _load_average()
     runs.write_json(run_dir / runs.ENV, env)
-    records = runs.load_records(run_dir)
+    conflicts: list = []
+    records = read_records(run_dir, conflicts)
+    for c in conflicts:
+        print(f"warning: {c}", file=sys.stderr)
+    lost = [r for r in records if r.get("status") == LOST]
     write_tables(run_dir)
     if not args.no_plots and records:
         write_plots(run_dir)
@@ -487,6 +504,10 @@ def _measure(args: argparse.Namespace, config, env: dict, run_dir: Path, termina
         return 143 if interrupted == "SIGTERM" else 130
     files = ", ".join(p.name for p in sorted(Path(run_dir).iterdir()) if p.is_file() and not p.name.startswith("."))
     print(f"results: {run_dir}  ({files})")
+    if lost:
+        print(f"{len(lost)} cells were lost (their task ended first; see the table's notes); "
+              f"run them with: python -m bench run --resume {shlex.quote(str(run_dir))}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -531,6 +552,22 @@ class _sigterm_as_interrupt:
     def __exit__(self, *exc) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
+
+
+def _expand(config):
+    from ..sweep import expand
+
+    try:
+        return expand(config)
+    except Exception as exc:  # a layer of the stored config may no longer be installed
+        raise UsageError(f"cannot expand the sweep: {exc}") from None
+
+
+def _finished(run_dir) -> set[str]:
+    """Cells that --resume skips: every recorded cell but the lost ones."""
+    from ..shards import finished_keys, read_records
+
+    return finished_keys(read_records(run_dir, conflicts=[]))
 
 
 class _NoBar:
