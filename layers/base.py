@@ -85,6 +85,14 @@ class LayerInfo:
             forward map up to rounding (the conformance suite compares it with the dense
             Jacobian only where this is true). A layer that returns something else must say
             in its docstring what it returns.
+        inverse_tolerance: for a layer without an exact inverse whose error is bounded by its
+            construction (an iteration or a truncated series rather than a learned inverse):
+            the largest ``max |x − inverse(forward(x))|`` it promises in float64, with its default
+            options, on inputs of unit variance; the conformance suite asserts it. ``None``: no
+            promise (the error is only reported).
+        triangular: whether the forward Jacobian is triangular in an order the layer gives by
+            ``jacobian_order(height, width)`` (see :class:`InvertibleLayer`); the conformance
+            suite checks the structure against the dense Jacobian.
     """
 
     name: str
@@ -99,6 +107,8 @@ class LayerInfo:
     summary: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     exact_logdet: bool = True
+    inverse_tolerance: float | None = None
+    triangular: bool = False
 
     def __post_init__(self) -> None:
         if self.sequential not in ("forward", "inverse", "none"):
@@ -194,6 +204,15 @@ class InvertibleLayer(nn.Module):
     - ``_forward(x) -> (z, logdet)``: the density direction; ``logdet`` has shape ``(B,)``;
     - ``_inverse(z) -> x``: the sampling direction.
 
+    Optional hooks, for layers that declare them:
+
+    - ``jacobian_order(height, width) -> (order, "lower" | "upper") | None``: a permutation of the
+      ``C·H·W`` indices of one image flattened as (c, h, w), in which the forward Jacobian is
+      triangular (layers with ``info.triangular``; ``None`` for options that break the structure);
+    - ``inverse_diagnostics() -> dict | None``: what the last ``inverse`` call did, for an
+      iterative inverse (e.g. ``{"iterations": 100, "residual": 3e-7}``); the benchmark runner
+      copies it into the sampling record.
+
     Plugins do not have to derive from this class (the registry needs only ``info``, a
     ``forward`` returning ``(z, logdet)`` and an ``inverse``), but doing so gives them the
     same input checks and error messages as the built-in layers.
@@ -218,6 +237,14 @@ class InvertibleLayer(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def jacobian_order(self, height: int, width: int) -> tuple[torch.Tensor, str] | None:
+        """See the class docstring; ``None``: no triangular structure is declared."""
+        return None
+
+    def inverse_diagnostics(self) -> dict[str, Any] | None:
+        """See the class docstring; ``None``: the inverse is not iterative."""
+        return None
 
     def _inverse(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
