@@ -193,23 +193,31 @@ class MintNet(InvertibleLayer):
         w2 = (w2 + tied) * self.mask2
         return w1, w2, w3
 
-    def _evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(F(x), d(x))``: the forward map and its Jacobian's diagonal, both (B, C, H, W)."""
-        b, c, h, w = x.shape
-        lat, pad = self.latent, self.kernel_size // 2
+    def _prepare(self) -> tuple[torch.Tensor, ...]:
+        """Everything ``_evaluate`` needs from the parameters: computed once per call (and once
+        per ``inverse``, not once per iteration)."""
+        c, lat = self.channels, self.latent
         w1, w2, w3 = self.masked_weights()
-        ar = torch.arange(c, device=x.device)
+        ar = torch.arange(c, device=w1.device)
         a1 = self._centre(w1).reshape(lat, c, c)[:, ar, ar]  # (L1, C)
         a2 = self._centre(w2).reshape(lat, c, lat, c)[:, ar, :, ar]  # (C, L2, L1)
         a3 = self._centre(w3).reshape(c, lat, c)[ar, :, ar]  # (C, L2)
+        t = self.t.abs().clamp(min=T_FLOOR)
+        return w1, w2, w3, a1[None, :, :, None, None], a2, a3.t()[None, :, :, None, None], t
+
+    def _evaluate(self, x: torch.Tensor, prepared: tuple[torch.Tensor, ...] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(F(x), d(x))``: the forward map and its Jacobian's diagonal, both (B, C, H, W)."""
+        b, c, h, w = x.shape
+        lat, pad = self.latent, self.kernel_size // 2
+        w1, w2, w3, a1, a2, a3, t = self._prepare() if prepared is None else prepared
 
         h1 = F.conv2d(x, w1, self.bias1, padding=pad)
-        g1 = elu_derivative(h1).reshape(b, lat, c, h, w) * a1[None, :, :, None, None]
+        g1 = elu_derivative(h1).reshape(b, lat, c, h, w) * a1
         h2 = F.conv2d(F.elu(h1), w2, self.bias2, padding=pad)
         inner = torch.einsum("ckj,bjchw->bkchw", a2, g1)  # Σ_l1 a2[l2,l1,c]·ELU′(h1)·a1
-        g2 = elu_derivative(h2).reshape(b, lat, c, h, w) * a3.t()[None, :, :, None, None]
+        g2 = elu_derivative(h2).reshape(b, lat, c, h, w) * a3
         f = F.conv2d(F.elu(h2), w3, self.bias3, padding=pad)
-        t = self.t.abs().clamp(min=T_FLOOR)
         return f + t * x, t + (g2 * inner).sum(1)
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,10 +225,11 @@ class MintNet(InvertibleLayer):
         return z, diag.log().flatten(1).sum(1)
 
     def _inverse(self, z: torch.Tensor) -> torch.Tensor:
-        x = z / self.t.abs().clamp(min=T_FLOOR)
+        prepared = self._prepare()
+        x = z / prepared[-1]
         updates = 0
         while True:
-            fx, diag = self._evaluate(x)
+            fx, diag = self._evaluate(x, prepared)
             residual = z - fx
             if self.tolerance is not None:
                 worst = residual.abs().max().item()

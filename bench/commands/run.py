@@ -254,6 +254,8 @@ def resolve_config(args: argparse.Namespace, preset_name: str | None = None):
         isolate=not args.no_isolate, threads=threads or (torch.get_num_threads() if device == "cpu" else None),
         seed=args.seed or 0, cold_cache=args.cold_cache, directions=directions, options=options,
         scope=scope, model=model, preset=preset.record(args.quick) if preset else None,
+        # Published architectures of the preset, for the layers this run measures.
+        architectures=[a for a in base.get("architectures", []) if a["layer"] in names] if scope == "model" else [],
     )
 
 

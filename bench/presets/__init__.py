@@ -23,7 +23,14 @@ File format (every key but ``[quick]``'s content is required)::
     [timing]                              # repeat, min_time, max_time, warmup, warmup_time, timeout,
                                           # threads (torch CPU threads)
     [quick]                               # note (required) and overrides of layers, values, model,
-                                          # timing, directions for a CPU run
+                                          # timing, directions, architectures for a CPU run
+
+    [[architectures]]                     # optional, scope "model": published architectures timed
+    layer = "mintnet"                     # beside the Glow-style model (bench.models.ARCHITECTURES)
+    architecture = { name = "mintnet", pairs = 21, latent = 85, label = "MintNet CIFAR" }
+    options = { iterations = 100 }        # layer options of this entry
+
+A ``[quick]`` ``architectures`` list replaces the full one (e.g. with a smaller model).
 """
 
 from __future__ import annotations
@@ -37,11 +44,12 @@ PRESET_DIR = Path(__file__).resolve().parent
 ALL = "all"  # `--preset all`: every preset, one run folder each
 
 _TOP_KEYS = {"name", "title", "paper_table", "description", "scope", "layers", "sweep", "directions", "values",
-             "model", "timing", "quick"}
+             "model", "timing", "quick", "architectures"}
 _VALUE_KEYS = {"input_size", "batch", "kernel_size", "channels"}
 _MODEL_KEYS = {"levels", "steps", "hidden_width", "mixing"}
 _TIMING_KEYS = {"repeat", "min_time", "max_time", "warmup", "warmup_time", "timeout", "threads"}
-_QUICK_KEYS = {"note", "layers", "values", "model", "timing", "directions"}
+_QUICK_KEYS = {"note", "layers", "values", "model", "timing", "directions", "architectures"}
+_ARCHITECTURE_KEYS = {"layer", "architecture", "options"}
 
 
 class PresetError(ValueError):
@@ -65,15 +73,17 @@ class Preset:
     timing: dict[str, Any] = field(default_factory=dict)
     quick: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    architectures: list[dict[str, Any]] = field(default_factory=list)
 
     def settings(self, quick: bool = False) -> dict[str, Any]:
         """The run settings: ``layers`` (names, or "all"), ``sweep``, ``directions``, ``values``,
-        ``model``, ``timing``, with the ``[quick]`` overrides applied when ``quick``."""
+        ``model``, ``timing``, ``architectures``, with the ``[quick]`` overrides applied when ``quick``."""
         out = {"layers": copy.deepcopy(self.layers), "sweep": list(self.sweep), "directions": list(self.directions),
-               "values": copy.deepcopy(self.values), "model": dict(self.model), "timing": dict(self.timing)}
+               "values": copy.deepcopy(self.values), "model": dict(self.model), "timing": dict(self.timing),
+               "architectures": copy.deepcopy(self.architectures)}
         if quick:
             q = self.quick
-            for key in ("layers", "directions"):
+            for key in ("layers", "directions", "architectures"):
                 if key in q:
                     out[key] = copy.deepcopy(q[key])
             for key in ("values", "model", "timing"):
@@ -163,10 +173,23 @@ def parse(d: dict[str, Any], path: Path | None = None) -> Preset:
     check_section(quick.get("timing", {}), _TIMING_KEYS, "quick.timing")
     if "directions" in quick:
         check_directions(quick["directions"])
+
+    def check_architectures(entries: Any, what: str) -> None:
+        need(isinstance(entries, list), f"{what} must be a list of tables")
+        need(d["scope"] == "model" or not entries, f"{what}: published architectures need scope 'model'")
+        for e in entries:
+            need(isinstance(e, dict) and set(e) <= _ARCHITECTURE_KEYS and {"layer", "architecture"} <= set(e),
+                 f"{what}: an entry has layer and architecture (and may have options), got {e}")
+            need(isinstance(e["architecture"], dict) and isinstance(e["architecture"].get("name"), str),
+                 f"{what}: architecture must be a table with a name, got {e['architecture']!r}")
+            need(isinstance(e.get("options", {}), dict), f"{what}: options must be a table")
+
+    check_architectures(d.get("architectures", []), "architectures")
+    check_architectures(quick.get("architectures", []), "quick.architectures")
     return Preset(name=d["name"], title=d["title"], paper_table=d["paper_table"], description=d["description"],
                   scope=d["scope"], layers=d["layers"], sweep=list(d["sweep"]), directions=list(d["directions"]),
                   values=dict(d["values"]), model=dict(d.get("model", {})), timing=dict(d.get("timing", {})),
-                  quick=dict(quick), path=path)
+                  quick=dict(quick), path=path, architectures=list(d.get("architectures", [])))
 
 
 def validate(preset: Preset) -> list[str]:
