@@ -130,7 +130,7 @@ def parse(d: dict[str, Any], path: Path | None = None) -> Preset:
 
     unknown = set(d) - _TOP_KEYS
     need(not unknown, f"unknown key(s) {', '.join(sorted(unknown))}; accepted: {', '.join(sorted(_TOP_KEYS))}")
-    missing = (_TOP_KEYS - {"model", "timing", "quick"}) - set(d)
+    missing = (_TOP_KEYS - {"model", "timing", "quick", "architectures"}) - set(d)
     need(not missing, f"missing {', '.join(sorted(missing))}")
     if path is not None:
         need(d["name"] == path.stem, f"name {d['name']!r} must equal the file name {path.stem!r}")
