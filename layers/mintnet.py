@@ -257,8 +257,11 @@ class MintNet(InvertibleLayer):
                 f"tolerance={tol}, newton_lr={self.newton_lr:g}")
 
     @staticmethod
-    def parameter_count(channels: int, kernel_size: int, latent: int, height: int, width: int) -> int:
+    def parameter_count(channels: int, kernel_size: int, input_size: int | tuple[int, int], latent: int = 4) -> int:
+        from .base import normalize_input_size
+
         c, k, lat = channels, kernel_size, latent
+        height, width = normalize_input_size(input_size, "mintnet")
         return k * k * (2 * lat * c * c + lat * lat * c * c) + 2 * lat * c + c + c * height * width
 
 

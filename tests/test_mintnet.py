@@ -83,4 +83,4 @@ def test_tolerance_mode_stops_early_and_meets_it():
 def test_gradients_and_parameter_count():
     layer = _layer(2, 3, size=(3, 3), latent=2)
     assert density_gradcheck(layer, torch.randn(2, 2, 3, 3, dtype=torch.float64))
-    assert sum(p.numel() for p in layer.parameters()) == MintNet.parameter_count(2, 3, 2, 3, 3)
+    assert sum(p.numel() for p in layer.parameters()) == MintNet.parameter_count(2, 3, (3, 3), latent=2)
