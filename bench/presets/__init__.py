@@ -203,7 +203,17 @@ def validate(preset: Preset) -> list[str]:
     problems = []
     if preset.paper_table not in available_tables():
         problems.append(f"paper table {preset.paper_table!r} not in results/paper/")
+    from ..models import ARCHITECTURES
+
     for settings in (preset.settings(False), preset.settings(True)):
+        for entry in settings["architectures"]:
+            if entry["architecture"]["name"] not in ARCHITECTURES:
+                problems.append(f"unknown architecture {entry['architecture']['name']!r}; accepted: "
+                                f"{', '.join(ARCHITECTURES)}")
+            try:
+                layers.info(entry["layer"])
+            except layers.LayerError as exc:
+                problems.append(str(exc))
         if settings["layers"] != ALL:
             for name in settings["layers"]:
                 try:
