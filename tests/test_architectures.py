@@ -10,7 +10,7 @@ import layers
 from bench import presets
 from bench.diagnostics import collect_inverse_diagnostics, describe
 from bench.measure import TimingPolicy, measure_cell
-from bench.models import build_architecture, macow_model, mintnet_model
+from bench.models import MACOW_CIFAR_LEVELS, build_architecture, macow_model, mintnet_model
 from bench.sweep import Cell, SweepConfig, expand
 
 
@@ -32,16 +32,19 @@ def _check_density(model, x):
 
 def test_macow_model_is_exact_and_its_logdet_is_the_dense_one():
     torch.manual_seed(0)
-    model = macow_model(3, (8, 8), kernel_size=3, levels=[[1], [1, 1]], hidden_width=8).double()
-    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    # One level of two sub-blocks of one step (a split between them), on a small image.
+    model = macow_model(3, (4, 4), kernel_size=3, levels=[[1, 1]], hidden_width=4).double()
+    x = torch.rand(2, 3, 4, 4, dtype=torch.float64)
     model.initialize(x)
     _perturb(model)
     torch.testing.assert_close(model.inverse(model(x)[0]), x, rtol=1e-10, atol=1e-10)
     _check_density(model, x)
-    # 1 + 2 steps of 2 units (4 MCFs each, in two macow layers of two orders) and a Glow step.
+    # 2 steps of 2 units, each unit two macow layers (orders AB and CD), then a Glow step.
     macows = [m for m in model.modules() if isinstance(m, layers.macow.MaCow)]
-    assert len(macows) == 3 * 2 * 2 and {m.order for m in macows} == {"AB", "CD"}
-    assert model.latent_shapes() == [(6, 4, 4), (12, 2, 2), (12, 2, 2)]
+    assert len(macows) == 2 * 2 * 2 and {m.order for m in macows} == {"AB", "CD"}
+    assert model.latent_shapes() == [(6, 2, 2), (6, 2, 2)]
+    # The published default: 4 levels, 64 steps of 8 MCFs = 512 MCFs.
+    assert MACOW_CIFAR_LEVELS == [[4], [12, 12], [12, 12], [12]] and 8 * sum(map(sum, MACOW_CIFAR_LEVELS)) == 512
 
 
 def test_mintnet_model_spreads_pairs_like_the_published_code_and_reports_its_inverse():
