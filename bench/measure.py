@@ -406,6 +406,8 @@ def check_cell(cell: Cell) -> None:
     import layers
 
     layers.info(cell.layer).check_dtype(cell.dtype)
+    if cell.scope == "model" and cell.architecture:
+        return  # a published architecture checks its shapes when it is built
     if cell.scope == "model":
         from .models import check_model
 
@@ -483,11 +485,15 @@ def _model_subject(cell: Cell, device: torch.device, dtype: torch.dtype) -> _Sub
     """A flow model (SPEC.md §6): forward = the density pass giving log p(x), sampling =
     ``sample(batch)`` (latents drawn from N(0, I), then every inverse), train = the density pass
     plus the backward of ``−mean log p(x)``."""
-    from .models import FlowModel
+    from .models import FlowModel, build_architecture
 
-    model = FlowModel(cell.layer, cell.channels, (cell.height, cell.width), levels=cell.levels, steps=cell.steps,
-                      width=cell.hidden_width, kernel_size=cell.kernel_size, layer_options=cell.options,
-                      mixing=cell.mixing or "auto").to(device=device, dtype=dtype)
+    if cell.architecture:
+        model = build_architecture(cell.architecture, cell.layer, cell.channels, (cell.height, cell.width),
+                                   cell.kernel_size, cell.hidden_width, cell.options).to(device=device, dtype=dtype)
+    else:
+        model = FlowModel(cell.layer, cell.channels, (cell.height, cell.width), levels=cell.levels,
+                          steps=cell.steps, width=cell.hidden_width, kernel_size=cell.kernel_size,
+                          layer_options=cell.options, mixing=cell.mixing or "auto").to(device=device, dtype=dtype)
     # Image-like input: dequantised intensities in [0, 1).
     x = torch.rand(cell.batch, cell.channels, cell.height, cell.width, device=device, dtype=dtype)
     model.initialize(x)  # ActNorm's data-dependent initialisation, once, before anything is timed
@@ -569,6 +575,12 @@ def measure_cell(cell: Cell, policy: TimingPolicy, emit: Emit, *, seed: int = 0,
             record["unstable"] = bool(reasons)
             if reasons:
                 record["unstable_reasons"] = reasons
+            if direction == "sampling":  # an iterative inverse's last call: iterations, residual
+                from .diagnostics import collect_inverse_diagnostics
+
+                diagnostics = collect_inverse_diagnostics(subject.module)
+                if diagnostics:
+                    record["inverse_diagnostics"] = diagnostics
             record["status"] = "ok" if finite else "nonfinite"
             if not finite:
                 record["message"] = "output contains NaN or Inf"

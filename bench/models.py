@@ -29,7 +29,11 @@ layer              1×1 added  why
 ``butterfly``      no         ``ceil(log2 C)`` butterfly levels connect every pair of channels
                               (yes when built with fewer ``levels``)
 ``glow-1x1``       no         it *is* the 1×1 mixing
+``convexp``        no         full C×C×k×k kernel (inside the exponential)
+``mintnet``        no         masked C -> L·C -> L·C -> C convolutions, channel-triangular
 ``finc``           yes        mixes only inside each of its four channel quarters
+``macow``          yes        scales and shifts each channel; channels meet only in the
+                              conditioner
 anything else      yes        unknown plugins: a step whose channels never mix is not a model
 =================  =========  ===============================================================
 
@@ -108,6 +112,9 @@ _MIXES_ALL_CHANNELS: dict[str, bool | Callable[[int, dict[str, Any]], bool]] = {
     "butterfly": _butterfly_mixes,
     "glow-1x1": True,
     "finc": False,
+    "convexp": True,  # full C×C×k×k kernel
+    "mintnet": True,  # every output channel reads every lower (type A) or higher (B) channel
+    "macow": False,  # an affine map per channel: channels meet only in the conditioner
 }
 
 
@@ -437,3 +444,235 @@ class FlowModel(nn.Module):
         mix = ", ".join(f"L{i + 1}: {'+1x1' if m else 'no 1x1'}" for i, m in enumerate(self.mixing_used))
         return (f"{len(self.levels)} levels x {len(self.levels[0])} steps of {self.layer_name} on "
                 f"{self.image_channels}x{self.input_size[0]}x{self.input_size[1]} (levels {shapes}; {mix})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Published architectures (the MaCow and MintNet rows of the comparison tables)
+
+
+class GlowStep(nn.Module):
+    """Glow's step: ActNorm -> LU 1×1 convolution -> affine coupling (MaCow's step ends with one)."""
+
+    def __init__(self, channels: int, width: int, size: tuple[int, int]):
+        super().__init__()
+        self.parts = nn.ModuleList([ActNorm(channels), layers.create(MIXING_LAYER, channels, input_size=size),
+                                    AffineCoupling(channels, width)])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logdet = x.new_zeros(x.shape[0])
+        for m in self.parts:
+            x, ld = m(x)
+            logdet = logdet + ld
+        return x, logdet
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        for m in reversed(self.parts):
+            y = m.inverse(y)
+        return y
+
+
+class StagedFlow(nn.Module):
+    """A flow given as a list of stages: ``"squeeze"``, ``"split"`` (factor out the second half of
+    the channels under N(0, I)) or a module mapping ``x -> (y, logdet)`` with an ``inverse``.
+
+    Same interface as :class:`FlowModel` (``forward``, ``log_prob``, ``initialize``, ``inverse``,
+    ``sample``, ``latent_shapes``, ``parameter_count``, ``describe``), so the runner times both
+    the same way.
+    """
+
+    def __init__(self, layer: str, image_channels: int, input_size: tuple[int, int], stages: list[Any],
+                 description: str):
+        super().__init__()
+        self.layer_name = layer
+        self.image_channels = image_channels
+        self.input_size = tuple(input_size)
+        self.kinds = [s if isinstance(s, str) else "module" for s in stages]
+        self.modules_ = nn.ModuleList(s for s in stages if not isinstance(s, str))
+        self.squeeze = Squeeze()
+        self.mixing_used: list[bool] = []
+        self._description = description
+        c, (h, w) = image_channels, self.input_size
+        self._latent_shapes = []
+        for kind in self.kinds:
+            if kind == "squeeze":
+                c, h, w = 4 * c, h // 2, w // 2
+            elif kind == "split":
+                self._latent_shapes.append((c - c // 2, h, w))
+                c = c // 2
+        self._latent_shapes.append((c, h, w))
+
+    def latent_shapes(self) -> list[tuple[int, int, int]]:
+        return list(self._latent_shapes)
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if x.dim() != 4 or x.shape[1] != self.image_channels or tuple(x.shape[2:]) != self.input_size:
+            raise layers.LayerError(
+                f"model: expected input (B, {self.image_channels}, {self.input_size[0]}, {self.input_size[1]}), "
+                f"got {tuple(x.shape)}")
+        logdet = x.new_zeros(x.shape[0])
+        latents = []
+        modules = iter(self.modules_)
+        for kind in self.kinds:
+            if kind == "squeeze":
+                x, _ = self.squeeze(x)
+            elif kind == "split":
+                keep = x.shape[1] // 2
+                latents.append(x[:, keep:])
+                x = x[:, :keep]
+            else:
+                x, ld = next(modules)(x)
+                logdet = logdet + ld
+        latents.append(x)
+        return latents, logdet
+
+    prior_log_prob = staticmethod(FlowModel.prior_log_prob)
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        latents, logdet = self(x)
+        return self.prior_log_prob(latents) + logdet
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        self(x)
+
+    def inverse(self, latents: list[torch.Tensor]) -> torch.Tensor:
+        latents = list(latents)
+        x = latents.pop()
+        modules = list(self.modules_)
+        for kind in reversed(self.kinds):
+            if kind == "squeeze":
+                x = self.squeeze.inverse(x)
+            elif kind == "split":
+                x = torch.cat([x, latents.pop()], dim=1)
+            else:
+                x = modules.pop().inverse(x)
+        return x
+
+    sample = FlowModel.sample
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def describe(self) -> str:
+        return self._description
+
+
+# MaCow's published CIFAR-10 model: 4 levels; a nested list is sub-blocks of steps separated by
+# a split (our reading of its "fine-grained" levels). 64 steps of 2 units (8 MCFs) = 512 MCFs.
+MACOW_CIFAR_LEVELS = [[4], [12, 12], [12, 12], [12]]
+
+
+def macow_model(image_channels: int, input_size: tuple[int, int], kernel_size: int | None = 3,
+                levels: list[list[int]] | None = None, hidden_width: int = 128,
+                layer_options: dict[str, Any] | None = None) -> StagedFlow:
+    """MaCow's architecture (Ma et al. 2019) around the ``macow`` layer.
+
+    Per level: squeeze, then sub-blocks of steps (a split between sub-blocks), then a split if
+    it is not the last level. A step is two MaCow units and a Glow step; a unit is
+    ``ActNorm -> MCF-A -> MCF-B -> ActNorm -> MCF-C -> MCF-D``; a Glow step is
+    ``ActNorm -> LU 1×1 -> affine coupling`` (hidden ``hidden_width``). ``levels`` defaults to
+    the published CIFAR-10 model, :data:`MACOW_CIFAR_LEVELS`.
+    """
+    levels = MACOW_CIFAR_LEVELS if levels is None else levels
+    if (not isinstance(levels, list) or not levels
+            or not all(isinstance(lv, list) and lv and all(isinstance(n, int) and n >= 1 for n in lv)
+                       for lv in levels)):
+        raise layers.LayerError(f"macow model: levels must be a list of non-empty lists of positive step counts "
+                                f"(e.g. {MACOW_CIFAR_LEVELS}), got {levels!r}")
+    options = {k: v for k, v in (layer_options or {}).items() if k != "order"}
+    h, w = input_size
+    factor = 2 ** len(levels)
+    if h % factor or w % factor:
+        raise layers.UnsupportedError(f"macow model: a {h}x{w} image cannot be squeezed {len(levels)} times "
+                                      f"(height and width must be multiples of {factor})")
+    stages: list[Any] = []
+    c = image_channels
+    shapes = []
+    for i, level in enumerate(levels):
+        stages.append("squeeze")
+        c, h, w = 4 * c, h // 2, w // 2
+        for j, steps in enumerate(level):
+            if j:
+                stages.append("split")
+                c = c // 2
+            shapes.append(f"{steps}x{c}x{h}x{w}")
+            for _ in range(steps):
+                for _unit in range(2):
+                    for orders in ("AB", "CD"):
+                        stages.append(ActNorm(c))
+                        stages.append(layers.create("macow", c, kernel_size=kernel_size, input_size=(h, w),
+                                                    order=orders, **options))
+                stages.append(GlowStep(c, hidden_width, (h, w)))
+        if i < len(levels) - 1:
+            stages.append("split")
+            c = c // 2
+    n_steps = sum(map(sum, levels))
+    desc = (f"MaCow's architecture: {len(levels)} levels, steps {levels} ({n_steps} steps of 2 units + a Glow step; "
+            f"{8 * n_steps} MCFs), steps x C x H x W per block {', '.join(shapes)}; conditioner kernel "
+            f"{layers.macow.conditioner_kernel(kernel_size)}, coupling width {hidden_width}")
+    return StagedFlow("macow", image_channels, input_size, stages, desc)
+
+
+def mintnet_model(image_channels: int, input_size: tuple[int, int], kernel_size: int | None = 3,
+                  pairs: int = 21, scales: int = 3, latent: int = 85,
+                  layer_options: dict[str, Any] | None = None) -> StagedFlow:
+    """MintNet's architecture (Song et al. 2019): ``pairs`` (type A block, type B block) pairs at
+    ``scales`` scales, a squeeze between scales and no channel split-off, no ActNorm.
+
+    The pairs are spread as the published code does: a squeeze before pair
+    ``(pairs // scales)·i`` for i = 1 … scales − 1 (21 pairs: 7 + 7 + 7; 20: 6 + 6 + 8).
+    Published: CIFAR-10 21 pairs, latent multiplier 85; MNIST 20 pairs, multiplier 45.
+    """
+    for name, value in (("pairs", pairs), ("scales", scales), ("latent", latent)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise layers.LayerError(f"mintnet model: {name} must be a positive integer, got {value!r}")
+    if pairs < scales:
+        raise layers.LayerError(f"mintnet model: needs at least one pair per scale, got {pairs} pairs for {scales} scales")
+    h, w = input_size
+    factor = 2 ** (scales - 1)
+    if h % factor or w % factor:
+        raise layers.UnsupportedError(f"mintnet model: a {h}x{w} image cannot be squeezed {scales - 1} times")
+    options = {k: v for k, v in (layer_options or {}).items() if k not in ("type", "latent")}
+    gap = pairs // scales
+    anchors = {gap * (i + 1) for i in range(scales - 1)}
+    stages: list[Any] = []
+    c = image_channels
+    per_scale: list[str] = []
+    count = 0
+    for p in range(pairs):
+        if p in anchors:
+            per_scale.append(f"{count}x{c}x{h}x{w}")
+            stages.append("squeeze")
+            c, h, w, count = 4 * c, h // 2, w // 2, 0
+        for kind in ("A", "B"):
+            stages.append(layers.create("mintnet", c, kernel_size=kernel_size, input_size=(h, w), type=kind,
+                                        latent=latent, **options))
+        count += 1
+    per_scale.append(f"{count}x{c}x{h}x{w}")
+    desc = (f"MintNet's architecture: {pairs} pairs of (A, B) blocks at {scales} scales (pairs x C x H x W: "
+            f"{', '.join(per_scale)}), latent multiplier {latent}, no split-off, kernel {kernel_size}")
+    return StagedFlow("mintnet", image_channels, input_size, stages, desc)
+
+
+ARCHITECTURES: dict[str, Callable[..., StagedFlow]] = {"macow": macow_model, "mintnet": mintnet_model}
+"""Published architectures by name: the ``name`` of a cell's ``architecture``."""
+
+
+def build_architecture(architecture: dict[str, Any], layer: str, image_channels: int,
+                       input_size: tuple[int, int], kernel_size: int | None, hidden_width: int | None,
+                       layer_options: dict[str, Any] | None = None) -> StagedFlow:
+    """The published architecture ``architecture["name"]`` around ``layer`` (which must be the
+    layer it is built from); its other keys (but ``label``) are the builder's settings."""
+    name = architecture.get("name")
+    if name not in ARCHITECTURES:
+        raise layers.LayerError(f"model: unknown architecture {name!r}; accepted: {', '.join(ARCHITECTURES)}")
+    if layer != name:
+        raise layers.LayerError(f"model: the {name} architecture is built from the {name!r} layer, not {layer!r}")
+    settings = {k: v for k, v in architecture.items() if k not in ("name", "label")}
+    if name == "macow" and hidden_width is not None:
+        settings.setdefault("hidden_width", hidden_width)
+    try:
+        return ARCHITECTURES[name](image_channels, tuple(input_size), kernel_size=kernel_size,
+                                   layer_options=layer_options, **settings)
+    except TypeError as exc:
+        raise layers.LayerError(f"model: bad settings for the {name} architecture: {exc}") from None

@@ -132,7 +132,7 @@ def parse_table(d: dict[str, Any], path: Path | None = None) -> PaperTable:
     for r in d["rows"]:
         for k, v in r.items():
             base = k.removesuffix("_pm").removesuffix("_unit")
-            if k not in ("value", "method", "layer", "input") and base not in keys:
+            if k not in ("value", "method", "layer", "input", "architecture") and base not in keys:
                 raise PaperTableError(f"{where}: row field {k!r} matches no column")
             if k.endswith("_unit") and v not in TIME_UNITS:
                 raise PaperTableError(f"{where}: {k} must be one of {', '.join(TIME_UNITS)}")
@@ -191,7 +191,9 @@ def _shape(cell: dict[str, Any]) -> str:
     return f"{cell['channels']}x{cell['height']}x{cell['width']}"
 
 
-def _ours_text(record: dict[str, Any] | None, col: Column, missing: str) -> str:
+def _ours_text(record: dict[str, Any] | None, col: Column, missing: str, row_unit: str | None = None) -> str:
+    """Our value for ``col``; a time in the row's own unit where the paper printed it in another
+    (MintNet's CIFAR ST in seconds), marked like the published one."""
     if record is None:
         return missing
     what = col.ours
@@ -214,7 +216,9 @@ def _ours_text(record: dict[str, Any] | None, col: Column, missing: str) -> str:
     if what.startswith("memory:"):
         b = d.get("peak_mem_bytes")
         return "–" if b is None else f"{b / 2**30:.3f}"
-    return f"{_fmt_time(d['mean_ms'], col.unit)} ± {_fmt_time(d['std_ms'], col.unit)}"
+    unit = row_unit or col.unit
+    mark = SECONDS_MARK if unit == "s" and col.unit == "ms" else ""
+    return f"{_fmt_time(d['mean_ms'], unit)}{mark} ± {_fmt_time(d['std_ms'], unit)}"
 
 
 def _ours_heading(col: Column) -> str:
@@ -230,25 +234,56 @@ def _model_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted((r for r in records if r["cell"].get("scope") == "model"), key=lambda r: r["key"])
 
 
+def _architecture_name(cell: dict[str, Any]) -> str | None:
+    return (cell.get("architecture") or {}).get("name")
+
+
 def _match_methods(table: PaperTable, records: list[dict[str, Any]], notes: list[str]):
-    """{row index: record or None}, plus our records that no published row refers to."""
-    matched: dict[int, dict[str, Any] | None] = {}
+    """{row index: [records]} (empty: nothing of ours), plus our records no published row refers to.
+
+    A row that names an ``architecture`` (a published model of ours, ``bench.models``) gets
+    every record of that architecture (e.g. MintNet sampled at 100 iterations and to a
+    tolerance), then the layer's records in our Glow-style model; a row without one gets the
+    first Glow-style record of its layer (and a note if there were several).
+    """
+    matched: dict[int, list[dict[str, Any]]] = {}
     used: set[str] = set()
     for i, row in enumerate(table.rows):
         layer = row.get("layer")
         if not layer:
-            matched[i] = None
+            matched[i] = []
             continue
         found = [r for r in records if r["cell"]["layer"] == layer
                  and ("input" not in row or _shape(r["cell"]) == row["input"])]
-        matched[i] = found[0] if found else None
-        if len(found) > 1:
-            first = found[0]["cell"]
-            notes.append(f"{row['method']}: {len(found)} of our cells match; showing batch {first['batch']}, "
+        glow = [r for r in found if _architecture_name(r["cell"]) is None]
+        if row.get("architecture"):
+            own = [r for r in found if _architecture_name(r["cell"]) == row["architecture"]]
+            matched[i] = own + glow
+            used.update(r["key"] for r in own + glow)
+            continue
+        matched[i] = glow[:1]
+        if len(glow) > 1:
+            first = glow[0]["cell"]
+            notes.append(f"{row['method']}: {len(glow)} of our cells match; showing batch {first['batch']}, "
                          f"input {_shape(first)}, kernel size {first['kernel_size']}")
-        used.update(r["key"] for r in found)
+        used.update(r["key"] for r in glow)
     extra = [r for r in records if r["key"] not in used]
     return matched, extra
+
+
+def _layer_text(record: dict[str, Any]) -> str:
+    """Our layer, which architecture was timed, and what an iterative inverse did."""
+    from .diagnostics import describe
+    from .sweep import architecture_label
+
+    cell = record["cell"]
+    text = cell["layer"]
+    if cell.get("architecture"):
+        text += f" in {architecture_label(cell['architecture'])}"
+    elif cell.get("scope") == "model":
+        text += " in our Glow-style model"
+    diag = describe(record.get("directions", {}).get("sampling", {}).get("inverse_diagnostics"))
+    return f"{text} (sampling: {diag})" if diag else text
 
 
 def _match_axis(table: PaperTable, records: list[dict[str, Any]], notes: list[str]):
@@ -281,7 +316,7 @@ def _describe_ours(config: dict[str, Any], env: dict[str, Any], records: list[di
     if config.get("scope") == "model":
         cells = [r["cell"] for r in records]
         mixing = sorted({(r["cell"]["layer"], tuple(r.get("mixing_used") or [])) for r in records
-                         if r.get("mixing_used") is not None})
+                         if r.get("mixing_used") is not None and not r["cell"].get("architecture")})
         mix_text = "; ".join(f"{layer} {'+1x1' if any(m) else 'no 1x1'}" for layer, m in mixing) or "per layer"
         shapes = sorted({_shape(c) for c in cells}) or [f"{values.get('channels', ['?'])[0]}x?"]
         lines.append(
@@ -340,7 +375,18 @@ def render_paper(table: PaperTable, config: dict[str, Any], env: dict[str, Any] 
         for i, row in enumerate(table.rows):
             layer = row.get("layer")
             missing = NOT_IMPLEMENTED if not layer else NOT_RUN
-            body.append([row["method"], layer or NOT_IMPLEMENTED] + _row_cells(table, row, matched[i], missing))
+            recs = matched[i]
+            if not recs or not row.get("architecture"):
+                body.append([row["method"], layer or NOT_IMPLEMENTED] + _row_cells(table, row, recs[0] if recs else None,
+                                                                                missing))
+                continue
+            for j, rec in enumerate(recs):  # the published values once, then our variants below them
+                units_only = {k: v for k, v in row.items() if k.endswith("_unit")}
+                body.append([row["method"] if j == 0 else "", _layer_text(rec)]
+                            + _row_cells(table, row if j == 0 else units_only, rec, missing))
+            for rec in recs:
+                if rec["cell"].get("architecture") and rec.get("model"):
+                    notes.append(f"{row['method']}: timed {rec['model']}.")
         for rec in extra:
             body.append(["–", rec["cell"]["layer"] + " (not in the paper's table)"]
                         + _row_cells(table, {}, rec, NOT_RUN))
@@ -356,7 +402,7 @@ def render_paper(table: PaperTable, config: dict[str, Any], env: dict[str, Any] 
     if preset.get("quick"):
         head.insert(0, f"QUICK RUN (--quick): {preset.get('quick_note') or 'reduced settings'}. This is not the "
                        "paper's setting: compare trends and parameter counts, not times.")
-    notes = head + notes + list(table.notes) + [CONTEXT_NOTE]
+    notes = head + list(dict.fromkeys(notes)) + list(table.notes) + [CONTEXT_NOTE]
     return Table(f"{table.label} (paper) beside our measurements: {table.title}", headers, body, notes)
 
 
@@ -366,7 +412,7 @@ def _row_cells(table: PaperTable, row: dict[str, Any], rec: dict[str, Any] | Non
     for col in table.columns:
         cells.append(_paper_text(row, col) if row else "–")
         if col.ours is not None:
-            cells.append(_ours_text(rec, col, missing))
+            cells.append(_ours_text(rec, col, missing, row.get(f"{col.key}_unit") if row else None))
         if table.delta and table.delta["column"] == col.key:
             cells += [_paper_delta(row, ref_row, col.key), _ours_delta(rec, ref_rec)]
     return cells

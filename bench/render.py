@@ -141,6 +141,10 @@ def _cell_text(record: dict[str, Any], metric: str, direction: str | None) -> st
     mark = " (nonfinite)" if status == "nonfinite" else ""
     if d.get("unstable") and metric in ("median", "mean"):
         mark += f" {UNSTABLE_MARK}"
+    if d.get("inverse_diagnostics") and metric in ("median", "mean"):
+        from .diagnostics import describe  # an iterative inverse: what it did in the timed calls
+
+        mark += f" ({describe(d['inverse_diagnostics'])})"
     if metric == "median":
         if d.get("process_min_ms") is not None:  # several processes: their medians' spread
             return f"{fmt_ms(d['median_ms'])} [{fmt_ms(d['process_min_ms'])}–{fmt_ms(d['process_max_ms'])}]{mark}"
@@ -165,7 +169,7 @@ def build_table(records: list[dict[str, Any]], sweep: list[str], metric: str, di
     no_kernel = False
     for r in records:
         c = r["cell"]
-        label = [c["layer"]] + ["n/a" if a == "kernel_size" and c["kernel_size"] is None else str(_axis_value(c, a))
+        label = [_layer_label(c)] + ["n/a" if a == "kernel_size" and c["kernel_size"] is None else str(_axis_value(c, a))
                                 for a in row_axes]
         text = _cell_text(r, metric, direction)
         if column == "kernel_size" and c["kernel_size"] is None:
@@ -210,6 +214,15 @@ def build_table(records: list[dict[str, Any]], sweep: list[str], metric: str, di
     if column:
         title += f", by {AXIS_TITLES[column]}"
     return Table(title, headers, rows, notes)
+
+
+def _layer_label(cell: dict[str, Any]) -> str:
+    """The layer, and the published architecture it was timed in, if any."""
+    if cell.get("architecture"):
+        from .sweep import architecture_label
+
+        return f"{cell['layer']} [{architecture_label(cell['architecture'])}]"
+    return cell["layer"]
 
 
 def _maybe_int(x: str) -> Any:

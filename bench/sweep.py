@@ -45,7 +45,9 @@ class Cell:
     For a layer cell (``scope="layer"``) ``channels``, ``height`` and ``width`` are the layer's
     input. For a model cell (``scope="model"``, see :mod:`bench.models`) they are the *image's*
     (3 or 1 channels, before any squeeze), and ``levels``, ``steps``, ``hidden_width`` (of the
-    coupling networks) and ``mixing`` describe the model.
+    coupling networks) and ``mixing`` describe the model. ``architecture`` (model cells only)
+    names a published architecture instead of the common Glow-style model: a dict with ``name``
+    (see ``bench.models.ARCHITECTURES``), its settings and an optional ``label``.
     """
 
     layer: str
@@ -62,6 +64,7 @@ class Cell:
     steps: int | None = None
     hidden_width: int | None = None
     mixing: str | None = None
+    architecture: dict[str, Any] | None = field(default=None, hash=False, compare=False)
 
     def key(self) -> str:
         """Stable identity used to match records (resume, compare).
@@ -70,6 +73,8 @@ class Cell:
         existed still match.
         """
         d = asdict(self)
+        if self.architecture is None:  # keys of cells written before architectures existed still match
+            d.pop("architecture")
         if self.scope == "layer":
             for name in ("scope", *MODEL_FIELDS):
                 d.pop(name)
@@ -77,6 +82,9 @@ class Cell:
 
     def label(self) -> str:
         k = "k=n/a" if self.kernel_size is None else f"k={self.kernel_size}"
+        if self.scope == "model" and self.architecture:
+            return (f"{self.layer} {architecture_label(self.architecture)} B={self.batch} "
+                    f"{self.channels}x{self.height}x{self.width} {k} {self.device}/{self.dtype}")
         if self.scope == "model":
             return (f"{self.layer} model L={self.levels} K={self.steps} w={self.hidden_width} B={self.batch} "
                     f"{self.channels}x{self.height}x{self.width} {k} {self.device}/{self.dtype}")
@@ -113,6 +121,9 @@ class SweepConfig:
     preset: dict[str, Any] | None = None  # the preset this run came from: name, paper table, quick, notes
     processes: int = 1  # worker processes per cell (runs written before --processes had one)
     metric: str = "time"  # "time", or "instructions" (counted under callgrind: bench/instructions.py)
+    # Model scope: published architectures measured besides the Glow-style model, each
+    # {"layer": name, "architecture": {"name": ..., settings, "label": ...}, "options": {...}}.
+    architectures: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -162,4 +173,25 @@ def expand(config: SweepConfig) -> list[Cell]:
             if cell.key() not in seen:
                 seen.add(cell.key())
                 cells.append(cell)
+    if config.scope == "model":
+        for entry in config.architectures:
+            name = entry["layer"]
+            kernel_applies = layers.info(name).kernel_size_applies
+            for size, batch, k, channels in itertools.product(v["input_size"], v["batch"], v["kernel_size"],
+                                                              v["channels"]):
+                height, width = (size, size) if isinstance(size, int) else size
+                cell = Cell(
+                    layer=name, device=config.device, dtype=config.dtype, batch=batch, channels=channels,
+                    height=height, width=width, kernel_size=k if kernel_applies else None,
+                    options={**config.options.get(name, {}), **entry.get("options", {})}, **model,
+                    architecture=dict(entry["architecture"]),
+                )
+                if cell.key() not in seen:
+                    seen.add(cell.key())
+                    cells.append(cell)
     return cells
+
+
+def architecture_label(architecture: dict[str, Any]) -> str:
+    """How a published architecture is named in tables: its ``label``, else its ``name``."""
+    return str(architecture.get("label") or architecture.get("name"))

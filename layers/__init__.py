@@ -2,7 +2,7 @@
 
 >>> import layers
 >>> layers.available()
-['butterfly', 'cinc', 'emerging', 'finc', 'glow-1x1', 'inverse-flow', 'snf', 'woodbury']
+['butterfly', 'cinc', 'convexp', 'emerging', 'finc', 'glow-1x1', 'inverse-flow', 'macow', 'mintnet', 'snf', 'woodbury']
 >>> layer = layers.create("inverse-flow", channels=12, kernel_size=3)
 >>> z, logdet = layer(x)          # density direction
 >>> x_again = layer.inverse(z)    # sampling direction

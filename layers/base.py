@@ -89,6 +89,14 @@ class LayerInfo:
         dtypes: the floating-point dtypes the layer runs in (forward, inverse and backward), as
             names; others raise ``UnsupportedError``. Most layers need a triangular solve or a
             determinant, which torch implements for float32 and float64 only.
+        inverse_tolerance: for a layer without an exact inverse whose error is bounded by its
+            construction (an iteration or a truncated series rather than a learned inverse):
+            the largest ``max |x − inverse(forward(x))|`` it promises in float64, with its default
+            options, on inputs of unit variance; the conformance suite asserts it. ``None``: no
+            promise (the error is only reported).
+        triangular: whether the forward Jacobian is triangular in an order the layer gives by
+            ``jacobian_order(height, width)`` (see :class:`InvertibleLayer`); the conformance
+            suite checks the structure against the dense Jacobian.
     """
 
     name: str
@@ -104,6 +112,8 @@ class LayerInfo:
     options: dict[str, Any] = field(default_factory=dict)
     exact_logdet: bool = True
     dtypes: tuple[str, ...] = ("float32", "float64")
+    inverse_tolerance: float | None = None
+    triangular: bool = False
 
     def __post_init__(self) -> None:
         if not self.dtypes or not all(d in FLOAT_DTYPES for d in self.dtypes):
@@ -216,6 +226,15 @@ class InvertibleLayer(nn.Module):
     - ``_forward(x) -> (z, logdet)``: the density direction; ``logdet`` has shape ``(B,)``;
     - ``_inverse(z) -> x``: the sampling direction.
 
+    Optional hooks, for layers that declare them:
+
+    - ``jacobian_order(height, width) -> (order, "lower" | "upper") | None``: a permutation of the
+      ``C·H·W`` indices of one image flattened as (c, h, w), in which the forward Jacobian is
+      triangular (layers with ``info.triangular``; ``None`` for options that break the structure);
+    - ``inverse_diagnostics() -> dict | None``: what the last ``inverse`` call did, for an
+      iterative inverse (e.g. ``{"iterations": 100, "residual": 3e-7}``); the benchmark runner
+      copies it into the sampling record.
+
     Plugins do not have to derive from this class (the registry needs only ``info``, a
     ``forward`` returning ``(z, logdet)`` and an ``inverse``), but doing so gives them the
     same input checks and error messages as the built-in layers.
@@ -240,6 +259,14 @@ class InvertibleLayer(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def jacobian_order(self, height: int, width: int) -> tuple[torch.Tensor, str] | None:
+        """See the class docstring; ``None``: no triangular structure is declared."""
+        return None
+
+    def inverse_diagnostics(self) -> dict[str, Any] | None:
+        """See the class docstring; ``None``: the inverse is not iterative."""
+        return None
 
     def _inverse(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

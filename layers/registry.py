@@ -22,10 +22,13 @@ ENTRY_POINT_GROUP = "invconv_bench.layers"
 BUILTIN: dict[str, str] = {
     "butterfly": "layers.butterfly:Butterfly",
     "cinc": "layers.cinc:CInC",
+    "convexp": "layers.convexp:ConvExp",
     "emerging": "layers.emerging:Emerging",
     "finc": "layers.finc:FInC",
     "glow-1x1": "layers.glow:Glow1x1",
     "inverse-flow": "layers.inverse_flow:InverseFlow",
+    "macow": "layers.macow:MaCow",
+    "mintnet": "layers.mintnet:MintNet",
     "snf": "layers.snf:SNF",
     "woodbury": "layers.woodbury:Woodbury",
 }

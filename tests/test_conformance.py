@@ -9,8 +9,10 @@ unsupported must be refused with ``UnsupportedError``.
 What a layer declares decides which checks apply, through the parameter lists (never by a skip
 inside a test): the tight round trips and the inverse-Jacobian check run for ``exact_inverse``
 layers; an approximate inverse gets its reconstruction error reported (printed and recorded as a
-test property) and asserted finite. The log det is compared with the dense Jacobian for
-``exact_logdet`` layers.
+test property) and asserted finite, and asserted within ``inverse_tolerance`` where the layer
+declares one (an iteration or a truncated series). The log det is compared with the dense
+Jacobian for ``exact_logdet`` layers, per sample (it may depend on the data). Layers that declare
+``triangular`` have the structure of their dense Jacobian checked in the order they give.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def _where(predicate) -> list:
 EXACT_INVERSE = _where(lambda info: info.exact_inverse)
 APPROXIMATE_INVERSE = _where(lambda info: not info.exact_inverse)
 EXACT_LOGDET = _where(lambda info: info.exact_logdet)
+BOUNDED_INVERSE = _where(lambda info: not info.exact_inverse and info.inverse_tolerance is not None)
+TRIANGULAR = _where(lambda info: info.triangular)
 
 
 def build(name: str, channels: int, k: int | None, height: int, width: int, dtype=torch.float64, seed: int = 0):
@@ -105,6 +109,44 @@ def test_approximate_inverse_error_is_reported(name, channels, k, shape, dtype, 
     err = (x_back - x).abs().max().item()
     record_property("max_abs_reconstruction_error", err)
     print(f"{name} C={channels} k={k} {dtype}: approximate inverse, max |x - inverse(forward(x))| = {err:.3g}")
+
+
+@pytest.mark.parametrize(("name", "channels", "k"), BOUNDED_INVERSE)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}x{}x{}".format(*s))
+def test_approximate_inverse_within_declared_tolerance(name, channels, k, shape):
+    """An approximate inverse that promises a bound (``inverse_tolerance``) keeps it in float64,
+    in both directions: inverse(forward(x)) ≈ x and forward(inverse(z)) ≈ z."""
+    b, h, w = shape
+    tol = layers.info(name).inverse_tolerance
+    layer = build(name, channels, k, h, w)
+    x = torch.randn(b, channels, h, w, dtype=torch.float64)
+    with torch.no_grad():
+        z, _ = layer(x)
+        x_back = layer.inverse(z)
+        z_again, _ = layer(layer.inverse(z))
+    assert (x_back - x).abs().max().item() <= tol
+    assert (z_again - z).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize(("name", "channels", "k"), TRIANGULAR)
+def test_jacobian_is_triangular_in_declared_order(name, channels, k):
+    """The dense Jacobian, permuted into the layer's order, is triangular (exact zeros on the
+    other side), and its diagonal alone gives the log det."""
+    h, w = 3, 4
+    layer = build(name, channels, k, h, w)
+    declared = layer.jacobian_order(h, w)
+    assert declared is not None, f"{name} declares a triangular Jacobian but gives no order"
+    order, kind = declared
+    assert kind in ("lower", "upper")
+    assert sorted(order.tolist()) == list(range(channels * h * w)), "the order is not a permutation"
+    x = torch.randn(1, channels, h, w, dtype=torch.float64)
+    jac = dense_jacobian(lambda v: layer(v)[0], x)[order][:, order]
+    other_side = torch.triu(jac, 1) if kind == "lower" else torch.tril(jac, -1)
+    assert torch.count_nonzero(other_side) == 0
+    with torch.no_grad():
+        _, logdet = layer(x)
+    if layers.info(name).exact_logdet:
+        torch.testing.assert_close(logdet[0], torch.diagonal(jac).abs().log().sum(), rtol=1e-8, atol=1e-8)
 
 
 @pytest.mark.parametrize(("name", "channels", "k"), EXACT_INVERSE)

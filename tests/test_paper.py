@@ -12,7 +12,8 @@ from bench.report import render_paper_table
 
 
 # Every layer of SPEC.md §5: a published row may name one that is not merged into this checkout yet.
-SPEC_LAYERS = {"butterfly", "cinc", "emerging", "finc", "glow-1x1", "inverse-flow", "snf", "woodbury"}
+SPEC_LAYERS = {"butterfly", "cinc", "emerging", "finc", "glow-1x1", "inverse-flow", "snf", "woodbury", "macow", "mintnet",
+               "convexp"}
 TABLES = paper.available_tables()
 PRESETS = presets.names()
 
@@ -200,7 +201,9 @@ def test_paper_layout_content():
     assert lines["5x5"][3] == "timeout"
     assert "QUICK RUN (--quick)" in md and "1080 Ti" in md and "Test CPU" in md and paper.CONTEXT_NOTE in md
     md = render_paper_table("cifar", _cifar_config(), ENV_GPU, _cifar_records(), "md")
-    assert "| MintNet" in md and "25.0* ± 1.5" in md and paper.NOT_IMPLEMENTED in md
+    assert "| MintNet" in md and "25.0* ± 1.5" in md and "MintNet → mintnet" in md and "MaCow → macow" in md
+    mintnet_row = next(line for line in md.splitlines() if line.startswith("| MintNet"))
+    assert paper.NOT_RUN in mintnet_row and paper.NOT_IMPLEMENTED not in md
     assert "glow-1x1 (not in the paper's table)" in md and "NVIDIA H100" in md and "QUICK" not in md
     assert "| SNF" in md and paper.NOT_RUN in md
     tex = render_paper_table("cifar", _cifar_config(), ENV_GPU, _cifar_records(), "latex")
@@ -220,3 +223,36 @@ def test_layers_known_to_the_registry_get_their_inverse_kind():
                             "md")
     row = next(line for line in md.splitlines() if line.startswith("| Inverse-Flow"))
     assert row.count("exact") == 2 and layers.info("inverse-flow").exact_inverse
+
+
+def _architecture_record(label, options, mean_ms, diagnostics, params=2_000_000):
+    rec = _record("mintnet", 3, params, {"sampling": {**_direction(mean_ms, mean_ms / 100),
+                                                       "inverse_diagnostics": diagnostics},
+                                         "forward": _direction(900.0, 9.0)})
+    rec["cell"] = {**rec["cell"], "options": options,
+                   "architecture": {"name": "mintnet", "pairs": 21, "latent": 85, "label": label}}
+    rec["key"] = f"mintnet-{label}"
+    rec["model"] = f"MintNet's architecture ({label})"
+    return rec
+
+
+def test_published_architecture_rows_show_every_setting_with_its_iterations():
+    """MintNet's row: its own model at 100 iterations and to a tolerance (one line each, with the
+    iterations and residual, ST in seconds as published), then mintnet in our Glow-style model."""
+    fixed = _architecture_record("fixed", {"iterations": 100}, 30_000.0,
+                                 {"layers": 42, "iterations": 100, "iterations_min": 100, "residual": 2.5e-7})
+    tol = _architecture_record("tol", {"tolerance": 1e-5}, 4_000.0,
+                               {"layers": 42, "iterations": 14, "iterations_min": 9, "residual": 9e-6,
+                                "converged": True})
+    glow = _record("mintnet", 3, 1_000_000, {"sampling": _direction(500.0, 5.0)})
+    md = render_paper_table("cifar", _cifar_config(), ENV_GPU, _cifar_records() + [fixed, tol, glow], "md")
+    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    i = next(j for j, line in enumerate(lines) if line.startswith("| MintNet"))
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in lines[i:i + 3]]
+    assert rows[0][1] == "mintnet in fixed (sampling: 100 it./layer, residual 2.5e-07)"
+    assert rows[0][4] == "30.0* ± 0.300" and rows[0][3] == "25.0* ± 1.5"
+    assert rows[1][:2] == ["", "mintnet in tol (sampling: 9–14 it./layer, residual 9.0e-06)"]
+    assert rows[1][3] == "–" and rows[1][4] == "4.000* ± 0.040"
+    assert rows[2][1] == "mintnet in our Glow-style model" and rows[2][4] == "0.500* ± 0.005"
+    assert "MintNet: timed MintNet's architecture (fixed)." in md
+    assert "mintnet (not in the paper's table)" not in md

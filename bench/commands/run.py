@@ -299,6 +299,8 @@ def resolve_config(args: argparse.Namespace, preset_name: str | None = None):
         processes=int(timing["processes"]), metric=args.metric or "time",
         seed=args.seed or 0, cold_cache=args.cold_cache, directions=directions, options=options,
         scope=scope, model=model, preset=preset.record(args.quick) if preset else None,
+        # Published architectures of the preset, for the layers this run measures.
+        architectures=[a for a in base.get("architectures", []) if a["layer"] in names] if scope == "model" else [],
     )
 
 

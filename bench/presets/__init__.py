@@ -23,7 +23,14 @@ File format (every key but ``[quick]``'s content is required)::
     [timing]                              # repeat, min_time, max_time, warmup, warmup_time, timeout,
                                           # threads (torch CPU threads)
     [quick]                               # note (required) and overrides of layers, values, model,
-                                          # timing, directions for a CPU run
+                                          # timing, directions, architectures for a CPU run
+
+    [[architectures]]                     # optional, scope "model": published architectures timed
+    layer = "mintnet"                     # beside the Glow-style model (bench.models.ARCHITECTURES)
+    architecture = { name = "mintnet", pairs = 21, latent = 85, label = "MintNet CIFAR" }
+    options = { iterations = 100 }        # layer options of this entry
+
+A ``[quick]`` ``architectures`` list replaces the full one (e.g. with a smaller model).
 """
 
 from __future__ import annotations
@@ -37,11 +44,12 @@ PRESET_DIR = Path(__file__).resolve().parent
 ALL = "all"  # `--preset all`: every preset, one run folder each
 
 _TOP_KEYS = {"name", "title", "paper_table", "description", "scope", "layers", "sweep", "directions", "values",
-             "model", "timing", "quick"}
+             "model", "timing", "quick", "architectures"}
 _VALUE_KEYS = {"input_size", "batch", "kernel_size", "channels"}
 _MODEL_KEYS = {"levels", "steps", "hidden_width", "mixing"}
-_TIMING_KEYS = {"repeat", "min_time", "max_time", "warmup", "warmup_time", "timeout", "threads"}
-_QUICK_KEYS = {"note", "layers", "values", "model", "timing", "directions"}
+_TIMING_KEYS = {"repeat", "min_time", "max_time", "warmup", "warmup_time", "timeout", "threads", "processes"}
+_QUICK_KEYS = {"note", "layers", "values", "model", "timing", "directions", "architectures"}
+_ARCHITECTURE_KEYS = {"layer", "architecture", "options"}
 
 
 class PresetError(ValueError):
@@ -65,15 +73,17 @@ class Preset:
     timing: dict[str, Any] = field(default_factory=dict)
     quick: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    architectures: list[dict[str, Any]] = field(default_factory=list)
 
     def settings(self, quick: bool = False) -> dict[str, Any]:
         """The run settings: ``layers`` (names, or "all"), ``sweep``, ``directions``, ``values``,
-        ``model``, ``timing``, with the ``[quick]`` overrides applied when ``quick``."""
+        ``model``, ``timing``, ``architectures``, with the ``[quick]`` overrides applied when ``quick``."""
         out = {"layers": copy.deepcopy(self.layers), "sweep": list(self.sweep), "directions": list(self.directions),
-               "values": copy.deepcopy(self.values), "model": dict(self.model), "timing": dict(self.timing)}
+               "values": copy.deepcopy(self.values), "model": dict(self.model), "timing": dict(self.timing),
+               "architectures": copy.deepcopy(self.architectures)}
         if quick:
             q = self.quick
-            for key in ("layers", "directions"):
+            for key in ("layers", "directions", "architectures"):
                 if key in q:
                     out[key] = copy.deepcopy(q[key])
             for key in ("values", "model", "timing"):
@@ -126,7 +136,7 @@ def parse(d: dict[str, Any], path: Path | None = None) -> Preset:
 
     unknown = set(d) - _TOP_KEYS
     need(not unknown, f"unknown key(s) {', '.join(sorted(unknown))}; accepted: {', '.join(sorted(_TOP_KEYS))}")
-    missing = (_TOP_KEYS - {"model", "timing", "quick"}) - set(d)
+    missing = (_TOP_KEYS - {"model", "timing", "quick", "architectures"}) - set(d)
     need(not missing, f"missing {', '.join(sorted(missing))}")
     if path is not None:
         need(d["name"] == path.stem, f"name {d['name']!r} must equal the file name {path.stem!r}")
@@ -179,10 +189,23 @@ def parse(d: dict[str, Any], path: Path | None = None) -> Preset:
         _check_model(section, what, need)
     for what, section in (("timing", d.get("timing", {})), ("quick.timing", quick.get("timing", {}))):
         _check_timing(section, what, need)
+
+    def check_architectures(entries: Any, what: str) -> None:
+        need(isinstance(entries, list), f"{what} must be a list of tables")
+        need(d["scope"] == "model" or not entries, f"{what}: published architectures need scope 'model'")
+        for e in entries:
+            need(isinstance(e, dict) and set(e) <= _ARCHITECTURE_KEYS and {"layer", "architecture"} <= set(e),
+                 f"{what}: an entry has layer and architecture (and may have options), got {e}")
+            need(isinstance(e["architecture"], dict) and isinstance(e["architecture"].get("name"), str),
+                 f"{what}: architecture must be a table with a name, got {e['architecture']!r}")
+            need(isinstance(e.get("options", {}), dict), f"{what}: options must be a table")
+
+    check_architectures(d.get("architectures", []), "architectures")
+    check_architectures(quick.get("architectures", []), "quick.architectures")
     return Preset(name=d["name"], title=d["title"], paper_table=d["paper_table"], description=d["description"],
                   scope=d["scope"], layers=d["layers"], sweep=list(d["sweep"]), directions=list(d["directions"]),
                   values=dict(d["values"]), model=dict(d.get("model", {})), timing=dict(d.get("timing", {})),
-                  quick=dict(quick), path=path)
+                  quick=dict(quick), path=path, architectures=list(d.get("architectures", [])))
 
 
 def _is_int(v: Any) -> bool:
@@ -211,7 +234,7 @@ def _check_model(section: dict[str, Any], what: str, need) -> None:
 def _check_timing(section: dict[str, Any], what: str, need) -> None:
     """Every [timing] value: counts are positive integers, times finite numbers >= 0 (timeout 0:
     no limit)."""
-    for key in ("repeat", "warmup", "threads"):
+    for key in ("repeat", "warmup", "threads", "processes"):
         if key in section:
             need(_is_int(section[key]) and section[key] >= 1,
                  f"{what}.{key} must be a positive integer, got {section[key]!r}")
@@ -232,7 +255,17 @@ def validate(preset: Preset) -> list[str]:
     problems = []
     if preset.paper_table not in available_tables():
         problems.append(f"paper table {preset.paper_table!r} not in results/paper/")
+    from ..models import ARCHITECTURES
+
     for settings in (preset.settings(False), preset.settings(True)):
+        for entry in settings["architectures"]:
+            if entry["architecture"]["name"] not in ARCHITECTURES:
+                problems.append(f"unknown architecture {entry['architecture']['name']!r}; accepted: "
+                                f"{', '.join(ARCHITECTURES)}")
+            try:
+                layers.info(entry["layer"])
+            except layers.LayerError as exc:
+                problems.append(str(exc))
         if settings["layers"] != ALL:
             for name in settings["layers"]:
                 try:
