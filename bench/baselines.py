@@ -1,14 +1,13 @@
 """Machine-independent baselines: ratios of two timings taken in one process, interleaved.
 
-An absolute time recorded on one machine says little about another (BENCHMARKING.md
-"Regression tracking"), but the ratio of two operations timed side by side in the same process
+An absolute time recorded on one machine says little about another (docs/regression.md), but the ratio of two operations timed side by side in the same process
 moves far less: both see the same CPU, the same memory system and the same background load.
 Two families of ratios are stored (``results/baselines/<device>-<machine class>.json``, see
 :func:`machine_class`) and checked:
 
 - ``solve / conv2d``: :func:`layers.causal.solve` of a unit lower-triangular causal weight (built
   by :func:`layers.causal.assemble_weight`) divided by ``F.conv2d`` of the same shape (on the
-  input already padded, so it is exactly the convolution the solve inverts; SPEC.md §8: the solve
+  input already padded, so it is exactly the convolution the solve inverts; docs/math.md §8: the solve
   does the same arithmetic and should cost a small multiple of it);
 - ``<layer> <direction> / glow-1x1``: each layer's forward, sampling and train time divided by
   ``glow-1x1``'s in the same direction at the same shape (glow's 1×1 convolution is the cheapest

@@ -28,7 +28,7 @@ _COLD_CACHE_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}  # larger than the LLC 
 
 @dataclass(frozen=True)
 class TimingPolicy:
-    """How long to warm up and how many samples to take (BENCHMARKING.md "Timing").
+    """How long to warm up and how many samples to take (docs/measurement.md "Timing").
 
     Warm-up runs until both ``warmup`` calls and ``warmup_time`` seconds are reached, so that
     native builds, cuDNN autotuning and allocator growth stay out of the samples. Sampling runs
@@ -309,7 +309,7 @@ class _Nvml:
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device, nvml: _Nvml | None) -> dict[str, Any]:
-    """Peak memory of one call above the memory in use just before it (BENCHMARKING.md "Memory")."""
+    """Peak memory of one call above the memory in use just before it (docs/measurement.md "Memory")."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -377,7 +377,7 @@ def _all_finite(out: Any) -> bool:
 
 
 def direction_calls(layer: torch.nn.Module, x: torch.Tensor, z_prior: torch.Tensor) -> dict[str, Callable[[], Any]]:
-    """The call timed for each direction (BENCHMARKING.md "What is measured"), shared by the
+    """The call timed for each direction (docs/measurement.md "What is measured"), shared by the
     runner and the ratio baselines so both time the same thing."""
 
     def forward():
@@ -482,7 +482,7 @@ def _layer_subject(cell: Cell, device: torch.device, dtype: torch.dtype) -> _Sub
 
 
 def _model_subject(cell: Cell, device: torch.device, dtype: torch.dtype) -> _Subject:
-    """A flow model (SPEC.md §6): forward = the density pass giving log p(x), sampling =
+    """A flow model (docs/math.md §6): forward = the density pass giving log p(x), sampling =
     ``sample(batch)`` (latents drawn from N(0, I), then every inverse), train = the density pass
     plus the backward of ``−mean log p(x)``."""
     from .models import FlowModel, build_architecture

@@ -1,4 +1,4 @@
-"""Benchmark flow models: a multi-scale Glow-style flow around any registered layer (SPEC.md §6).
+"""Benchmark flow models: a multi-scale Glow-style flow around any registered layer (docs/math.md §6).
 
 The papers time whole flows, not single layers. :class:`FlowModel` builds the model that their
 tables describe, for whichever layer is under test::

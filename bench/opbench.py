@@ -2,7 +2,7 @@
 
 Measures only; :mod:`bench.commands.kernels` renders. Everything for one shape is timed in one
 process, interleaved op by op in rounds, so the ratios (solve ÷ conv2d, reference ÷ native) are
-comparable across machines even where absolute times drift (BENCHMARKING.md).
+comparable across machines even where absolute times drift (docs/regression.md).
 """
 
 from __future__ import annotations

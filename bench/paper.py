@@ -4,7 +4,7 @@ The published numbers live as data in ``results/paper/<id>.toml`` (one file per 
 source, hardware, setting, columns and rows; see ``results/paper/README.md``). This module loads
 them and renders a run's records beside them — rendering only: nothing here measures.
 
-A published number is context, never a target (SPEC.md §7): the hardware, the software and the
+A published number is context, never a target (docs/math.md §7): the hardware, the software and the
 timing methods differ, and some published timings wrapped asynchronous CUDA calls in host timers.
 Every rendering says so, names both machines, and states how we read the paper's model.
 """
@@ -28,7 +28,7 @@ TIME_UNITS = {"ms": 1.0, "s": 1e3}
 SECONDS_MARK = "*"
 
 CONTEXT_NOTE = ("A published number is context, never a target: hardware, software and timing methods differ "
-                "(SPEC.md §7).")
+                "(docs/math.md §7).")
 NOT_IMPLEMENTED = "not implemented"
 NOT_RUN = "not in this run"
 

@@ -2,7 +2,7 @@
 
 Absolute times on a shared machine drift between identical runs, so a regression gate that
 compares two numbers cries wolf. This module decides from the **raw samples** of two runs
-(BENCHMARKING.md "Regression tracking"), one direction of one cell at a time, and fails only
+(docs/regression.md), one direction of one cell at a time, and fails only
 when two independent conditions hold: the difference is **significant** (p < :data:`ALPHA`),
 and the whole :data:`CONFIDENCE` interval of the ratio new/base lies above ``1 + threshold``
 (default :data:`THRESHOLDS`: 10 % on a GPU, 25 % on a shared CPU). The interval's *lower bound*

@@ -10,7 +10,7 @@ from typing import Any
 AXES = ("input_size", "batch", "kernel_size", "channels")
 SWEEPABLE = ("input_size", "batch", "kernel_size")
 
-# The papers' ablation axes (SPEC.md §6, seed slides): input size 16…256, batch 1…128, k 2…11.
+# The papers' ablation axes (docs/math.md §6, seed slides): input size 16…256, batch 1…128, k 2…11.
 PAPER_GRID: dict[str, list[int]] = {
     "input_size": [16, 32, 64, 128, 256],
     "batch": [1, 2, 4, 8, 16, 32, 64, 128],
@@ -134,7 +134,7 @@ class SweepConfig:
 
 
 # Model settings when none are given: the comparison tables' model (2 levels of 16 steps,
-# SPEC.md §6). The coupling width 128 is the power of two that puts our Inverse-Flow CIFAR model
+# docs/math.md §6). The coupling width 128 is the power of two that puts our Inverse-Flow CIFAR model
 # nearest the published parameter count (1.63 M against 1.76 M); the papers do not state theirs.
 MODEL_DEFAULTS: dict[str, Any] = {"levels": 2, "steps": 16, "hidden_width": 128, "mixing": "auto"}
 

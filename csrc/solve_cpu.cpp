@@ -1,4 +1,4 @@
-// CPU solve of a causal convolution (SPEC.md §3) and its adjoint (§4), registered as the
+// CPU solve of a causal convolution (docs/math.md §3) and its adjoint (§4), registered as the
 // TorchScript-free operator library `invconv_cpu` (torch.ops.invconv_cpu.solve).
 //
 // Vectorisation does not depend on build flags: the kernel body (solve_cpu_kernel.h) is compiled
@@ -120,7 +120,7 @@ struct Scratch {
 
 // wf[da][db][c][o] (o padded to Cp with zeros): L⁻¹ at the centre, -L⁻¹·W_(a,b) elsewhere, for
 // the logical tap (da, db) of orientation (flip_h, flip_w); the adjoint reads
-// W'[o][c][a][b] = W[C-1-c][C-1-o][k-1-a][k-1-b] by index arithmetic (SPEC.md §4).
+// W'[o][c][a][b] = W[C-1-c][C-1-o][k-1-a][k-1-b] by index arithmetic (docs/math.md §4).
 template <class T>
 void fold_weights(const T* w, int C, int k, bool flip_h, bool flip_w, bool adjoint, bool unit, T* wf, int Cp) {
   const int kk = k * k;

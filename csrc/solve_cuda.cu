@@ -1,4 +1,4 @@
-// CUDA solve of a causal convolution (SPEC.md §3) and its adjoint (§4). No torch headers: this
+// CUDA solve of a causal convolution (docs/math.md §3) and its adjoint (§4). No torch headers: this
 // file compiles with nvcc alone (tests/test_native.py does so wherever nvcc exists), and
 // solve_cuda_binding.cpp wraps the C interface of solve_cuda.h for torch.
 //
@@ -20,7 +20,7 @@
 //        weight reads are warp-uniform broadcasts), OB output channels, and a slice of the
 //        (tap, input channel) sum;
 //     2. reduce the slices, write x into the plane (over y), load what the next step needs.
-//   When the image fits (32×32×12 does, SPEC.md §3) there is one strip per image: a persistent
+//   When the image fits (32×32×12 does, docs/math.md §3) there is one strip per image: a persistent
 //   block that reads y and writes x coalesced once. Taller images are cut into strips owned by
 //   separate blocks: strip s publishes, after every step, how many columns of its last k-1
 //   rows are final (store-release of a flag, after the rows went to global memory), and strip

@@ -1,6 +1,6 @@
 """Causal convolutions and their exact inverse (the wavefront solve), in one place.
 
-Every layer that needs a causal convolution or its inverse uses this module (SPEC.md §1–4).
+Every layer that needs a causal convolution or its inverse uses this module (docs/math.md §1–4).
 
 - :func:`causal_conv2d` — a k×k convolution that reads only one quadrant of the image
   (orientation ``"TL"``, ``"TR"``, ``"BL"`` or ``"BR"``).
@@ -59,7 +59,7 @@ def _check_orientation(orientation: str) -> None:
 
 
 def causal_padding(kernel_size: int, orientation: str = "TL") -> tuple[int, int, int, int]:
-    """``F.pad`` padding (left, right, top, bottom) of a causal convolution (SPEC.md §1)."""
+    """``F.pad`` padding (left, right, top, bottom) of a causal convolution (docs/math.md §1)."""
     _check_orientation(orientation)
     p = kernel_size - 1
     left, top = ("L" in orientation, "T" in orientation)
@@ -94,7 +94,7 @@ def assemble_weight(off_centre: torch.Tensor, lower: torch.Tensor, diagonal: tor
                     orientation: str = "TL") -> torch.Tensor:
     """Effective weight of a causal convolution whose centre block is lower triangular.
 
-    This is the mask ``Ŵ = M ⊙ W + E`` of SPEC.md §2 applied in the forward computation, with
+    This is the mask ``Ŵ = M ⊙ W + E`` of docs/math.md §2 applied in the forward computation, with
     the masked entries not stored at all: the parameters are exactly the free entries, so the
     parameter count is the true number of trainable values and no optimiser, weight decay or
     direct assignment can make the layer non-invertible.
@@ -179,7 +179,7 @@ def solve(y: torch.Tensor, weight: torch.Tensor, orientation: str = "TL", *, uni
 
 def adjoint_solve(g: torch.Tensor, weight: torch.Tensor, orientation: str = "TL", *,
                   unit_diagonal: bool = False) -> torch.Tensor:
-    """``T⁻ᵀ g`` where ``T`` is the causal convolution (SPEC.md §4), by the same solver.
+    """``T⁻ᵀ g`` where ``T`` is the causal convolution (docs/math.md §4), by the same solver.
 
     ``Tᵀ`` is a causal convolution of the opposite orientation with the channel-transposed,
     spatially flipped kernel; its centre is ``Lᵀ`` (upper triangular), so the channel order is

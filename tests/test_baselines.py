@@ -32,7 +32,7 @@ def test_record_writes_ratios_environment_and_thresholds(recorded):
     for r in doc["ratios"]:
         assert r["value"] > 0 and r["threshold"] >= baselines.MIN_THRESHOLDS["cpu"]
         assert len(r["repeats"]) == baselines.RECORD_REPEATS
-    # The solve inverts the very convolution it is divided by, so it costs more (SPEC.md §8).
+    # The solve inverts the very convolution it is divided by, so it costs more (docs/math.md §8).
     # A plausible ratio, whichever solver ran (the native solve is about as fast as conv2d, the
     # pure-PyTorch one tens of times slower).
     assert 0.05 < doc["ratios"][0]["value"] < 1000

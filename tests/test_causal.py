@@ -1,4 +1,4 @@
-"""The causal convolution and its solve against dense linear algebra (SPEC.md §1–4)."""
+"""The causal convolution and its solve against dense linear algebra (docs/math.md §1–4)."""
 
 import itertools
 import os

@@ -40,7 +40,7 @@ def test_every_layer_states_its_parameter_count(name):
 
 
 def test_inverse_flow_parameter_formula():
-    # (k²−1)·C² + C(C−1)/2 (SPEC.md §5)
+    # (k²−1)·C² + C(C−1)/2 (docs/math.md §5)
     assert layers.create("inverse-flow", 12, kernel_size=3).__class__.parameter_count(12, 3) == 8 * 144 + 66
 
 

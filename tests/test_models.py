@@ -63,7 +63,7 @@ def test_squeeze_channel_index_and_inverse():
     for c in range(3):
         for dy in range(2):
             for dx in range(2):
-                assert torch.equal(y[:, c * 4 + 2 * dy + dx], x[:, c, dy::2, dx::2])  # SPEC.md §6
+                assert torch.equal(y[:, c * 4 + 2 * dy + dx], x[:, c, dy::2, dx::2])  # docs/math.md §6
     assert torch.equal(Squeeze().inverse(y), x)
 
 
@@ -235,7 +235,7 @@ def test_a_level_the_layer_cannot_take_is_unsupported():
 
 def _ablation_params(k: int) -> int:
     """Parameters of our Inverse-Flow ablation model (2 levels × 32 steps, 3-channel input,
-    SPEC.md §6) at kernel size k, counted on the meta device (no memory, no init cost)."""
+    docs/math.md §6) at kernel size k, counted on the meta device (no memory, no init cost)."""
     with torch.device("meta"):
         model = FlowModel("inverse-flow", 3, 32, levels=2, steps=32, width=128, kernel_size=k)
     assert model.mixing_used == [False, False]  # inverse-flow mixes all channels: no 1×1 in a step

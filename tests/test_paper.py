@@ -11,7 +11,7 @@ from bench import paper, presets
 from bench.report import render_paper_table
 
 
-# Every layer of SPEC.md §5: a published row may name one that is not merged into this checkout yet.
+# Every layer of docs/math.md §5: a published row may name one that is not merged into this checkout yet.
 SPEC_LAYERS = {"butterfly", "cinc", "emerging", "finc", "glow-1x1", "inverse-flow", "snf", "woodbury", "macow", "mintnet",
                "convexp"}
 TABLES = paper.available_tables()
@@ -39,7 +39,7 @@ def test_paper_table_parses_and_names_known_layers(table_id):
 
 
 def test_published_values_are_the_slides():
-    """Spot checks against shared/seeds/000_*.txt, so a typo in the data files shows."""
+    """Spot checks against the published slides, so a typo in the data files shows."""
     cifar = {r["method"]: r for r in paper.load_table("cifar").rows}
     assert (cifar["MintNet"]["st"], cifar["MintNet"]["st_unit"], cifar["MintNet"]["params"]) == ("25.0", "s", "12.466")
     assert (cifar["Inverse-Flow"]["st"], cifar["Inverse-Flow"]["st_pm"], cifar["Inverse-Flow"]["ft"]) == ("91.6", "6.5", "722")
