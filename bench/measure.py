@@ -196,7 +196,7 @@ def time_call(fn: Callable[[], Any], clock: _Clock, policy: TimingPolicy) -> Mea
         clock(fn)
         calls += 1
     samples: list[float] = []
-    meter = WaitMeter() if not clock.cuda else None
+    meter = None if getattr(clock, "cuda", False) else WaitMeter()
     metered = meter is not None and meter.available
     waited_ns, disturbed = 0, 0
     before = Usage()
