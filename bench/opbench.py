@@ -3,15 +3,22 @@
 Measures only; :mod:`bench.commands.kernels` renders. Everything for one shape is timed in one
 process, interleaved op by op in rounds, so the ratios (solve ÷ conv2d, reference ÷ native) are
 comparable across machines even where absolute times drift (docs/regression.md).
+
+Beside each time goes an *arithmetic floor*: the op's multiply-adds at the machine's peak rate.
+It is an estimate from the SIMD path the native kernel runs (``INVCONV_CPU_ISA``), the
+multiply-add width per cycle that path reaches on this core (measured, rounded to a power of
+two) and the core's clock (measured); see :func:`machine_peak`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +40,14 @@ OPS = {
     "torch solve+backward": "the reference's solve then backward",
     "conv2d": "F.conv2d of the same shape (input pre-padded), no grad",
     "conv2d+wgrad": "F.conv2d forward then backward to the weight",
+    "native solve, 1 thread": "the native solve on one thread (the others: all --threads)",
+    "inverse-flow forward": "the inverse-flow layer's density direction (weight assembly + solve), no grad",
 }
+
+#: Multiply-add passes of each op in units of one k×k convolution of the shape (2·B·H·W·C²·k²
+#: FLOP): the backward is an adjoint solve plus a weight gradient.
+OP_PASSES = {"native solve": 1, "native solve+backward": 3, "torch solve": 1, "torch solve+backward": 3,
+             "conv2d": 1, "conv2d+wgrad": 2, "native solve, 1 thread": 1, "inverse-flow forward": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +64,10 @@ class Shape:
     def label(self) -> str:
         return (f"B={self.batch} C={self.channels} {self.height}×{self.width} k={self.kernel_size} "
                 f"{self.orientation} {self.dtype} {self.device}")
+
+    def flops(self) -> int:
+        """FLOP of one k×k convolution of this shape (= of one solve): 2·B·H·W·C²·k²."""
+        return 2 * self.batch * self.height * self.width * self.channels**2 * self.kernel_size**2
 
 
 @dataclasses.dataclass
@@ -95,6 +113,8 @@ class Measurement:
 class ShapeResult:
     shape: Shape
     measurements: dict[str, Measurement]
+    #: op -> its arithmetic floor in seconds (an estimate; see machine_peak), where known.
+    floors: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def ratio(self, num: str, den: str) -> float | None:
         if num in self.measurements and den in self.measurements:
@@ -109,10 +129,12 @@ class ShapeResult:
             "solve+backward / conv2d+wgrad": self.ratio("native solve+backward", "conv2d+wgrad"),
             "torch solve / native solve": self.ratio("torch solve", "native solve"),
             "torch solve+backward / native solve+backward": self.ratio("torch solve+backward", "native solve+backward"),
+            "inverse-flow forward / conv2d": self.ratio("inverse-flow forward", "conv2d"),
+            "solve 1 thread / solve (thread speed-up)": self.ratio("native solve, 1 thread", "native solve"),
         }
 
     def as_dict(self) -> dict:
-        return {"shape": dataclasses.asdict(self.shape), "ratios": self.ratios(),
+        return {"shape": dataclasses.asdict(self.shape), "ratios": self.ratios(), "floors_s": self.floors,
                 "measurements": {k: m.as_dict() for k, m in self.measurements.items()}}
 
 
@@ -159,7 +181,27 @@ def _with_solver(mode: str, fn: Callable[[], object]) -> Callable[[], object]:
     return call
 
 
-def make_ops(shape: Shape, include_reference: bool = True) -> dict[str, Callable[[], object]]:
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """Runs the block with ``n`` torch threads (None: unchanged), restored afterwards."""
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def op_threads(name: str) -> int | None:
+    """The thread count an op is timed with (None: the process's, i.e. ``--threads``)."""
+    return 1 if name == "native solve, 1 thread" else None
+
+
+def make_ops(shape: Shape, include_reference: bool = True, include_layer: bool = True,
+             include_one_thread: bool = True) -> dict[str, Callable[[], object]]:
     """The callables to time for ``shape`` (inputs built once, outside the timed region)."""
     device, dtype = torch.device(shape.device), getattr(torch, shape.dtype)
     c, k, o = shape.channels, shape.kernel_size, shape.orientation
@@ -196,11 +238,61 @@ def make_ops(shape: Shape, include_reference: bool = True) -> dict[str, Callable
         ops["torch solve+backward"] = _with_solver("torch", solve_fwd_bwd)
     ops["conv2d"] = conv_fwd
     ops["conv2d+wgrad"] = conv_fwd_wgrad
+    if include_one_thread and shape.device == "cpu" and torch.get_num_threads() > 1:
+        ops["native solve, 1 thread"] = _with_solver("native", solve_fwd)
+    if include_layer:
+        import layers
+
+        layer = layers.create("inverse-flow", channels=c, kernel_size=k).to(device=device, dtype=dtype)
+
+        def layer_fwd():
+            with torch.no_grad():
+                return layer(y)
+
+        ops["inverse-flow forward"] = _with_solver("native", layer_fwd)
     return ops
 
 
+def machine_peak(device: str, dtype: str) -> dict | None:
+    """The peak multiply-add rate behind the arithmetic floor, on a CPU (None elsewhere, or when
+    the native kernel, which holds the probes, is unavailable).
+
+    ``clock_ghz`` is measured (a chain of dependent additions, one per cycle); ``flop_per_cycle``
+    is the measured multiply-add rate of one thread on the kernel's SIMD path, divided by that
+    clock and rounded to a power of two (it is lanes × 2 × FMA pipes: 32 for float32 on AVX2
+    with two 256-bit pipes, and on Zen 4's AVX-512, whose 512-bit operations take two passes;
+    64 on cores with two 512-bit pipes). Both are best-of-several on a machine that may be
+    busy, and the floor is an estimate: no real kernel reaches it.
+    """
+    if device != "cpu" or not native.load("cpu").available:
+        return None
+    ops = torch.ops.invconv_cpu
+    code = native._cpu_isa_code()
+    with _threads(1):
+        ghz = float(ops.clock_ghz(200))
+        rate = float(ops.peak_flops(code, dtype == "float64", 200))
+    out = {"isa": native.cpu_isa(), "clock_ghz": ghz or None, "measured_flops_per_thread": rate,
+           "flop_per_cycle": None, "flops_per_thread": rate, "estimate": True}
+    if ghz > 0 and rate > 0:
+        per_cycle = 2 ** round(math.log2(rate / (ghz * 1e9)))
+        out["flop_per_cycle"] = per_cycle
+        out["flops_per_thread"] = per_cycle * ghz * 1e9
+    return out
+
+
+def floors(shape: Shape, ops: list[str], peak: dict | None, threads: int) -> dict[str, float]:
+    """Each op's arithmetic floor in seconds: its FLOP at ``threads`` × the per-thread peak."""
+    if not peak or not peak.get("flops_per_thread"):
+        return {}
+    out = {}
+    for name in ops:
+        n = op_threads(name) or threads
+        out[name] = OP_PASSES[name] * shape.flops() / (n * peak["flops_per_thread"])
+    return out
+
+
 def measure_shape(shape: Shape, *, min_calls: int = 20, min_seconds: float = 0.5, rounds: int = 5,
-                  include_reference: bool = True) -> ShapeResult:
+                  include_reference: bool = True, include_layer: bool = True, peak: dict | None = None) -> ShapeResult:
     """Times every op of :func:`make_ops` after warm-up, interleaved in ``rounds`` rounds (each op
     runs a block of calls per round) until each op has ``min_calls`` calls and ``min_seconds``.
 
@@ -208,24 +300,27 @@ def measure_shape(shape: Shape, *, min_calls: int = 20, min_seconds: float = 0.5
     """
     device = torch.device(shape.device)
     native.kernels_for(device, getattr(torch, shape.dtype), required=True)
-    ops = make_ops(shape, include_reference)
+    ops = make_ops(shape, include_reference, include_layer)
     timer = _Timer(device)
     per_call = {}
     for name, fn in ops.items():  # warm-up, and an estimate of the time per call (median of the warm-up calls)
         start, times = time.perf_counter(), []
-        while len(times) < WARMUP_CALLS or time.perf_counter() - start < WARMUP_SECONDS:
-            t0 = time.perf_counter()
-            fn()
-            timer.sync()
-            times.append(time.perf_counter() - t0)
+        with _threads(op_threads(name)):
+            while len(times) < WARMUP_CALLS or time.perf_counter() - start < WARMUP_SECONDS:
+                t0 = time.perf_counter()
+                fn()
+                timer.sync()
+                times.append(time.perf_counter() - t0)
         per_call[name] = statistics.median(times)
     blocks = {name: max(-(-min_calls // rounds), int(min_seconds / rounds / max(t, 1e-9)) + 1)
               for name, t in per_call.items()}
     samples: dict[str, list[float]] = {name: [] for name in ops}
     for _ in range(rounds):
         for name, fn in ops.items():
-            samples[name].extend(timer.time_calls(fn, blocks[name]))
-    return ShapeResult(shape, {name: Measurement(name, s) for name, s in samples.items()})
+            with _threads(op_threads(name)):  # switched outside the timed calls
+                samples[name].extend(timer.time_calls(fn, blocks[name]))
+    return ShapeResult(shape, {name: Measurement(name, s) for name, s in samples.items()},
+                       floors(shape, list(ops), peak, torch.get_num_threads()))
 
 
 def environment(device: str) -> dict:

@@ -2,24 +2,30 @@
 // TorchScript-free operator library `invconv_cpu` (torch.ops.invconv_cpu.solve).
 //
 // Vectorisation does not depend on build flags: the kernel body (solve_cpu_kernel.h) is compiled
-// twice in this file, once inside a `#pragma GCC target("avx2,fma")` region with AVX2/FMA
-// intrinsics and once for the baseline x86-64 ISA with GCC vector extensions (SSE2), and the
-// path is chosen at run time with __builtin_cpu_supports. We do not use at::vec::Vectorized: in
-// an extension it is compiled for whatever -m flags the extension gets (the baseline, unless one
-// passes -march=native, which would make the cached build unportable), so it would silently be
-// the scalar fallback. Compilers other than GCC/Clang on x86-64 get the baseline path only.
+// three times in this file, inside `#pragma GCC target("avx512f,avx512vl,...")` and
+// `#pragma GCC target("avx2,fma")` regions with intrinsics and once for the baseline ISA with GCC
+// vector extensions (SSE2 on x86-64), and the path is chosen at run time with
+// __builtin_cpu_supports. We do not use at::vec::Vectorized: in an extension it is compiled for
+// whatever -m flags the extension gets (the baseline, unless one passes -march=native, which
+// would make the cached build unportable), so it would silently be the scalar fallback.
+// Compilers other than GCC/Clang on x86-64 get the baseline path only.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstddef>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
+#include <thread>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -33,16 +39,17 @@
 
 // ---------------------------------------------------------------------------------------------
 // Baseline ISA: GCC vector extensions of 16 bytes, the native width of SSE2 (x86-64) and NEON
-// (arm64); wider generic vectors are lowered through memory and run many times slower.
+// (arm64); wider generic vectors are lowered through memory and run many times slower. One
+// width only, so the half and quarter widths alias it (and are never used, see kHasHalf).
 namespace invconv_generic {
 typedef float vf4 __attribute__((vector_size(16)));
 typedef double vd2 __attribute__((vector_size(16)));
 
 template <class TT, class VV, int LANES>
-struct OpsVX {
+struct VX {
   using T = TT;
   using vec = VV;
-  static constexpr int V = LANES;
+  static constexpr int N = LANES;
   static INVCONV_INLINE vec zero() { return vec{}; }
   static INVCONV_INLINE vec load(const T* p) {
     vec v;
@@ -54,53 +61,170 @@ struct OpsVX {
   static INVCONV_INLINE vec fmadd(vec a, vec b, vec c) { return a * b + c; }
   static INVCONV_INLINE vec add(vec a, vec b) { return a + b; }
 };
+template <class TT, class VV, int LANES>
+struct OpsVX {
+  using T = TT;
+  using F = VX<TT, VV, LANES>;
+  using H = F;
+  using Q = F;
+  static constexpr bool kHasHalf = false, kHasQuarter = false;
+  static constexpr int G = LANES;       // padding granularity: 16 bytes
+  static constexpr int kAccRegs = 12;   // 16 vector registers
+};
 using OpsF32 = OpsVX<float, vf4, 4>;
 using OpsF64 = OpsVX<double, vd2, 2>;
 
 #include "solve_cpu_kernel.h"
 }  // namespace invconv_generic
 
+#if INVCONV_X86_DISPATCH
+// 256- and 128-bit lanes, shared by the AVX2 and AVX-512 regions (compiled in each for its
+// target: VEX there, EVEX with 32 registers here).
+#define INVCONV_AVX_LANES                                                                           \
+  struct F32x8 {                                                                                    \
+    using T = float;                                                                                \
+    using vec = __m256;                                                                             \
+    static constexpr int N = 8;                                                                     \
+    static INVCONV_INLINE vec zero() { return _mm256_setzero_ps(); }                                \
+    static INVCONV_INLINE vec load(const T* p) { return _mm256_loadu_ps(p); }                       \
+    static INVCONV_INLINE void store(T* p, vec v) { _mm256_storeu_ps(p, v); }                       \
+    static INVCONV_INLINE vec bcast(const T* p) { return _mm256_broadcast_ss(p); }                  \
+    static INVCONV_INLINE vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }       \
+    static INVCONV_INLINE vec add(vec a, vec b) { return _mm256_add_ps(a, b); }                     \
+  };                                                                                                \
+  struct F32x4 {                                                                                    \
+    using T = float;                                                                                \
+    using vec = __m128;                                                                             \
+    static constexpr int N = 4;                                                                     \
+    static INVCONV_INLINE vec zero() { return _mm_setzero_ps(); }                                   \
+    static INVCONV_INLINE vec load(const T* p) { return _mm_loadu_ps(p); }                          \
+    static INVCONV_INLINE void store(T* p, vec v) { _mm_storeu_ps(p, v); }                          \
+    static INVCONV_INLINE vec bcast(const T* p) { return _mm_broadcast_ss(p); }                     \
+    static INVCONV_INLINE vec fmadd(vec a, vec b, vec c) { return _mm_fmadd_ps(a, b, c); }          \
+    static INVCONV_INLINE vec add(vec a, vec b) { return _mm_add_ps(a, b); }                        \
+  };                                                                                                \
+  struct F64x4 {                                                                                    \
+    using T = double;                                                                               \
+    using vec = __m256d;                                                                            \
+    static constexpr int N = 4;                                                                     \
+    static INVCONV_INLINE vec zero() { return _mm256_setzero_pd(); }                                \
+    static INVCONV_INLINE vec load(const T* p) { return _mm256_loadu_pd(p); }                       \
+    static INVCONV_INLINE void store(T* p, vec v) { _mm256_storeu_pd(p, v); }                       \
+    static INVCONV_INLINE vec bcast(const T* p) { return _mm256_broadcast_sd(p); }                  \
+    static INVCONV_INLINE vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_pd(a, b, c); }       \
+    static INVCONV_INLINE vec add(vec a, vec b) { return _mm256_add_pd(a, b); }                     \
+  };                                                                                                \
+  struct F64x2 {                                                                                    \
+    using T = double;                                                                               \
+    using vec = __m128d;                                                                            \
+    static constexpr int N = 2;                                                                     \
+    static INVCONV_INLINE vec zero() { return _mm_setzero_pd(); }                                   \
+    static INVCONV_INLINE vec load(const T* p) { return _mm_loadu_pd(p); }                          \
+    static INVCONV_INLINE void store(T* p, vec v) { _mm_storeu_pd(p, v); }                          \
+    static INVCONV_INLINE vec bcast(const T* p) { return _mm_loaddup_pd(p); }                       \
+    static INVCONV_INLINE vec fmadd(vec a, vec b, vec c) { return _mm_fmadd_pd(a, b, c); }          \
+    static INVCONV_INLINE vec add(vec a, vec b) { return _mm_add_pd(a, b); }                        \
+  };
+
 // ---------------------------------------------------------------------------------------------
 // AVX2 + FMA, compiled for that target whatever the build flags, used only where the CPU has it.
-#if INVCONV_X86_DISPATCH
+// 8 + 4 lanes (float) and 4 + 2 (double): no quarter width, 16 registers.
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace invconv_avx2 {
+INVCONV_AVX_LANES
 struct OpsF32 {
   using T = float;
-  using vec = __m256;
-  static constexpr int V = 8;
-  static INVCONV_INLINE vec zero() { return _mm256_setzero_ps(); }
-  static INVCONV_INLINE vec load(const T* p) { return _mm256_loadu_ps(p); }
-  static INVCONV_INLINE void store(T* p, vec v) { _mm256_storeu_ps(p, v); }
-  static INVCONV_INLINE vec bcast(const T* p) { return _mm256_broadcast_ss(p); }
-  static INVCONV_INLINE vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-  static INVCONV_INLINE vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
+  using F = F32x8;
+  using H = F32x4;
+  using Q = F32x4;
+  static constexpr bool kHasHalf = true, kHasQuarter = false;
+  static constexpr int G = 4, kAccRegs = 12;
 };
 struct OpsF64 {
   using T = double;
-  using vec = __m256d;
-  static constexpr int V = 4;
-  static INVCONV_INLINE vec zero() { return _mm256_setzero_pd(); }
-  static INVCONV_INLINE vec load(const T* p) { return _mm256_loadu_pd(p); }
-  static INVCONV_INLINE void store(T* p, vec v) { _mm256_storeu_pd(p, v); }
-  static INVCONV_INLINE vec bcast(const T* p) { return _mm256_broadcast_sd(p); }
-  static INVCONV_INLINE vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_pd(a, b, c); }
-  static INVCONV_INLINE vec add(vec a, vec b) { return _mm256_add_pd(a, b); }
+  using F = F64x4;
+  using H = F64x2;
+  using Q = F64x2;
+  static constexpr bool kHasHalf = true, kHasQuarter = false;
+  static constexpr int G = 2, kAccRegs = 12;
 };
 
 #include "solve_cpu_kernel.h"
 }  // namespace invconv_avx2
 #pragma GCC pop_options
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512 (F + VL: 512-bit vectors, and EVEX-encoded 256/128-bit ones with 32 registers), used
+// only where the CPU has it: 16 + 8 + 4 lanes (float), 8 + 4 + 2 (double), 32 registers.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
+namespace invconv_avx512 {
+INVCONV_AVX_LANES
+struct F32x16 {
+  using T = float;
+  using vec = __m512;
+  static constexpr int N = 16;
+  static INVCONV_INLINE vec zero() { return _mm512_setzero_ps(); }
+  static INVCONV_INLINE vec load(const T* p) { return _mm512_loadu_ps(p); }
+  static INVCONV_INLINE void store(T* p, vec v) { _mm512_storeu_ps(p, v); }
+  static INVCONV_INLINE vec bcast(const T* p) { return _mm512_set1_ps(*p); }
+  static INVCONV_INLINE vec fmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static INVCONV_INLINE vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
+};
+struct F64x8 {
+  using T = double;
+  using vec = __m512d;
+  static constexpr int N = 8;
+  static INVCONV_INLINE vec zero() { return _mm512_setzero_pd(); }
+  static INVCONV_INLINE vec load(const T* p) { return _mm512_loadu_pd(p); }
+  static INVCONV_INLINE void store(T* p, vec v) { _mm512_storeu_pd(p, v); }
+  static INVCONV_INLINE vec bcast(const T* p) { return _mm512_set1_pd(*p); }
+  static INVCONV_INLINE vec fmadd(vec a, vec b, vec c) { return _mm512_fmadd_pd(a, b, c); }
+  static INVCONV_INLINE vec add(vec a, vec b) { return _mm512_add_pd(a, b); }
+};
+struct OpsF32 {
+  using T = float;
+  using F = F32x16;
+  using H = F32x8;
+  using Q = F32x4;
+  static constexpr bool kHasHalf = true, kHasQuarter = true;
+  static constexpr int G = 4, kAccRegs = 16;
+};
+struct OpsF64 {
+  using T = double;
+  using F = F64x8;
+  using H = F64x4;
+  using Q = F64x2;
+  static constexpr bool kHasHalf = true, kHasQuarter = true;
+  static constexpr int G = 2, kAccRegs = 16;
+};
+
+#include "solve_cpu_kernel.h"
+}  // namespace invconv_avx512
+#pragma GCC pop_options
 #endif
 
 namespace {
 
-enum Isa : int64_t { kIsaAuto = 0, kIsaGeneric = 1, kIsaAvx2 = 2 };
+enum Isa : int64_t { kIsaAuto = 0, kIsaGeneric = 1, kIsaAvx2 = 2, kIsaAvx512 = 3 };
 
 bool cpu_has_avx2_fma() {
 #if INVCONV_X86_DISPATCH
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// The 512-bit path needs F (the 512-bit operations) and VL (its 256/128-bit operations on 32
+// registers); BW and DQ are asked for too so that the target region's flags all hold.
+bool cpu_has_avx512() {
+#if INVCONV_X86_DISPATCH
+  static const bool has = cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512dq");
   return has;
 #else
   return false;
@@ -172,60 +296,262 @@ void fold_weights(const T* w, int C, int k, bool flip_h, bool flip_w, bool adjoi
 // (about 10 µs of work): tiny solves (tests, small layers) then run on the calling thread, which
 // also keeps them clear of OpenMP barrier stalls on a loaded machine.
 constexpr int64_t kParallelGrainOps = 32768;
+// The narrowest column strip of the split inside an image (below it the per-row hand-over
+// between strips costs more than the strip's work).
+constexpr int kMinStripColumns = 8;
+// The largest shared row buffer (all H rows, channels last) the strip split may allocate.
+constexpr size_t kMaxStripBufferBytes = size_t(32) << 20;
 
-int64_t grain_images(int C, int Cp, int H, int W, int k, int V) {
-  const int64_t per_image = std::max<int64_t>(1, (int64_t)H * W * k * k * C * (Cp / V));
+// Multiply-adds of one image in units of 16-byte vectors (the padding granularity).
+int64_t image_ops(int C, int Cp, int H, int W, int k, int G) {
+  return std::max<int64_t>(1, (int64_t)H * W * k * k * C * (Cp / G));
+}
+
+int64_t grain_images(int C, int Cp, int H, int W, int k, int G) {
+  const int64_t per_image = image_ops(C, Cp, H, W, k, G);
   return std::max<int64_t>(1, (kParallelGrainOps + per_image - 1) / per_image);
 }
 
-template <class Solver>
-void run_images(const at::Tensor& y, const at::Tensor& w, at::Tensor& x, int orientation, bool unit, bool adjoint) {
-  using T = typename Solver::T;
+// Column strips per image: 1 (one task per image) unless there are fewer images than threads
+// and each strip still gets a worthwhile amount of work; then the images' strips are solved
+// concurrently, strip s one row behind strip s-1 (the solve of pixel (i, j) reads only rows <= i
+// and columns <= j in logical coordinates, so a strip waits only for its left neighbour).
+int strips_per_image(int64_t B, int C, int Cp, int H, int W, int k, int G, size_t elem) {
+  const int threads = std::max(1, at::get_num_threads());
+  if (at::in_parallel_region() || B >= threads || H < 2) return 1;
+  int S = (int)(threads / B);
+  S = std::min(S, W / kMinStripColumns);
+  S = (int)std::min<int64_t>(S, image_ops(C, Cp, H, W, k, G) / kParallelGrainOps);
+  if ((size_t)B * H * (W + k - 1) * Cp * elem > kMaxStripBufferBytes) return 1;
+  return std::max(1, S);
+}
+
+INVCONV_INLINE void spin_pause() {
+#if INVCONV_X86_DISPATCH
+  _mm_pause();
+#endif
+}
+
+// Solves B images of y into x with the pre-folded weights, in parallel over images or (fewer
+// images than threads) over column strips of each image.
+template <class K>
+void solve_images(const typename K::O::T* yp, typename K::O::T* xp, int64_t B, const typename K::O::T* wf,
+                  const int* chan, int C, int Cp, int H, int W, int k, bool flip_h, bool flip_w) {
+  using Ops = typename K::O;
+  using T = typename Ops::T;
+  using RS = typename K::RS;
+  const ptrdiff_t image = (ptrdiff_t)C * H * W;
+  const int S = strips_per_image(B, C, Cp, H, W, k, Ops::G, sizeof(T));
+  if (S <= 1) {
+    // Images are independent (the solve couples all channels of one image), so tasks are
+    // images; small problems stay on the calling thread (see kParallelGrainOps).
+    at::parallel_for(0, B, grain_images(C, Cp, H, W, k, Ops::G), [&](int64_t b0, int64_t b1) {
+      Scratch<T> ring((size_t)k * (W + k - 1) * Cp), acc((size_t)W * Cp);
+      std::vector<typename RS::Tap> taps((size_t)k * k + 1);
+      for (int64_t b = b0; b < b1; ++b)
+        RS::solve_image(yp + b * image, xp + b * image, wf, chan, C, Cp, H, W, k, flip_h, flip_w, ring.ptr,
+                        typename RS::Work{acc.ptr, taps.data()});
+    });
+    return;
+  }
+  // Strip split: every row of an image stays in one buffer (no ring to recycle, so a strip that
+  // runs ahead never overwrites rows its right neighbour still reads), and strip s publishes
+  // the rows it has finished. Whatever the OpenMP schedule, a thread runs its tasks in
+  // increasing order and a task waits only for lower ones, so nothing deadlocks.
+  const ptrdiff_t rows = (ptrdiff_t)H * (W + k - 1) * Cp;
+  Scratch<T> buffer((size_t)B * rows);
+  std::unique_ptr<std::atomic<int>[]> done(new std::atomic<int>[(size_t)B * S]);
+  for (int64_t t = 0; t < B * S; ++t) done[t].store(0, std::memory_order_relaxed);
+  at::parallel_for(0, B * S, 1, [&](int64_t t0, int64_t t1) {
+    Scratch<T> acc((size_t)W * Cp);
+    std::vector<typename RS::Tap> taps((size_t)k * k + 1);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / S;
+      const int s = (int)(t % S);
+      const int jb = (int)((int64_t)W * s / S), je = (int)((int64_t)W * (s + 1) / S);
+      auto wait = [&](int i) {
+        if (s == 0) return;
+        int spins = 0;
+        while (done[t - 1].load(std::memory_order_acquire) <= i) {
+          if (++spins < 256)
+            spin_pause();
+          else
+            std::this_thread::yield();  // a loaded machine may have descheduled the left strip
+        }
+      };
+      auto publish = [&](int i) { done[t].store(i + 1, std::memory_order_release); };
+      RS::solve_rows(yp + b * image, xp + b * image, wf, chan, C, Cp, H, W, k, flip_h, flip_w,
+                     buffer.ptr + b * rows, H, jb, je, typename RS::Work{acc.ptr, taps.data()}, wait, publish);
+    }
+  });
+}
+
+// The weight gradient Σ_images lam ⋆ x into g ((k*k) × C × Cp), sign applied on the way out.
+// With at least as many images as threads: a partial per task over whole images, summed in task
+// order. With fewer: lam transposed once per image, then tasks over taps (disjoint parts of g).
+// Either way the result does not depend on the thread schedule.
+template <class K>
+void weight_grad_images(const typename K::O::T* xp, const typename K::O::T* lp, int64_t B, int C, int Cp, int H, int W,
+                        int k, int orientation, typename K::O::T sign, typename K::O::T* dst) {
+  using Ops = typename K::O;
+  using T = typename Ops::T;
+  using WG = typename K::WG;
+  const int pt = (orientation & 2) ? 0 : k - 1, pl = (orientation & 1) ? 0 : k - 1;  // top/left padding
+  const ptrdiff_t image = (ptrdiff_t)C * H * W;
+  const size_t gsize = (size_t)k * k * C * Cp;
+  const int threads = std::max(1, at::get_num_threads());
+  const int64_t grain = grain_images(C, Cp, H, W, k, Ops::G);
+  std::vector<Scratch<T>> partial;
+  if (B < threads && k > 1 && image_ops(C, Cp, H, W, k, Ops::G) * B >= 2 * kParallelGrainOps &&
+      !at::in_parallel_region()) {
+    Scratch<T> lamT((size_t)B * H * W * Cp);
+    for (int64_t b = 0; b < B; ++b) WG::transpose(lp + b * image, lamT.ptr + b * H * W * Cp, C, Cp, H, W);
+    partial.emplace_back(gsize);
+    T* g = partial[0].ptr;
+    at::parallel_for(0, k * k, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t b = 0; b < B; ++b)
+        WG::taps(xp + b * image, lamT.ptr + b * H * W * Cp, g, C, Cp, H, W, k, pt, pl, (int)t0, (int)t1);
+    });
+  } else {
+    const int64_t tasks = std::min<int64_t>(std::max<int64_t>(1, B / grain), threads);
+    partial.reserve(tasks);
+    for (int64_t t = 0; t < tasks; ++t) partial.emplace_back(gsize);
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      Scratch<T> lamT((size_t)H * W * Cp);
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t b = B * t / tasks; b < B * (t + 1) / tasks; ++b)
+          WG::image(xp + b * image, lp + b * image, lamT.ptr, partial[t].ptr, C, Cp, H, W, k, pt, pl);
+    });
+  }
+  for (int o = 0; o < C; ++o)  // (C_out, C_in, k, k)
+    for (int c = 0; c < C; ++c)
+      for (int t = 0; t < k * k; ++t) {
+        T s = T(0);
+        for (const auto& p : partial) s += p.ptr[((size_t)t * C + c) * Cp + o];
+        dst[((size_t)o * C + c) * k * k + t] = sign * s;
+      }
+}
+
+template <class K>
+void run_solve(const at::Tensor& y, const at::Tensor& w, at::Tensor& x, int orientation, bool unit, bool adjoint) {
+  using Ops = typename K::O;
+  using T = typename Ops::T;
   const int64_t B = y.size(0);
   const int C = (int)y.size(1), H = (int)y.size(2), W = (int)y.size(3), k = (int)w.size(2);
-  const int Cp = (C + Solver::V - 1) / Solver::V * Solver::V;  // output channels padded to whole vectors
-  const int eff = adjoint ? (orientation ^ 3) : orientation;   // the transpose reads the opposite quadrant
+  const int Cp = (C + Ops::G - 1) / Ops::G * Ops::G;  // output channels padded to 16 bytes
+  const int eff = adjoint ? (orientation ^ 3) : orientation;  // the transpose reads the opposite quadrant
   const bool flip_h = eff & 2, flip_w = eff & 1;
   Scratch<T> wf((size_t)k * k * C * Cp);
   fold_weights<T>(w.data_ptr<T>(), C, k, flip_h, flip_w, adjoint, unit, wf.ptr, Cp);
   std::vector<int> chan(C);
   for (int c = 0; c < C; ++c) chan[c] = adjoint ? C - 1 - c : c;
-  const T* yp = y.data_ptr<T>();
-  T* xp = x.data_ptr<T>();
-  const ptrdiff_t image = (ptrdiff_t)C * H * W;
-  // Images are independent (the solve couples all channels of one image), so tasks are images;
-  // small problems stay on the calling thread (see kParallelGrainOps).
-  at::parallel_for(0, B, grain_images(C, Cp, H, W, k, Solver::V), [&](int64_t b0, int64_t b1) {
-    Scratch<T> ring((size_t)k * (W + k - 1) * Cp);
-    Scratch<T> acc((size_t)W * Cp);
-    std::vector<typename Solver::Tap> taps((size_t)k * k + 1);
-    for (int64_t b = b0; b < b1; ++b)
-      Solver::solve_image(yp + b * image, xp + b * image, wf.ptr, chan.data(), C, Cp, H, W, k, flip_h, flip_w,
-                          ring.ptr, acc.ptr, taps.data());
-  });
+  solve_images<K>(y.data_ptr<T>(), x.data_ptr<T>(), B, wf.ptr, chan.data(), C, Cp, H, W, k, flip_h, flip_w);
 }
 
-template <class T>
-void solve_typed(const at::Tensor& y, const at::Tensor& w, at::Tensor& x, int orientation, bool unit, bool adjoint,
-                 bool use_avx2) {
+template <class K>
+void run_weight_grad(const at::Tensor& x, const at::Tensor& lam, at::Tensor& out, int k, int orientation) {
+  using Ops = typename K::O;
+  using T = typename Ops::T;
+  const int C = (int)x.size(1);
+  const int Cp = (C + Ops::G - 1) / Ops::G * Ops::G;
+  weight_grad_images<K>(x.data_ptr<T>(), lam.data_ptr<T>(), x.size(0), C, Cp, (int)x.size(2), (int)x.size(3), k,
+                          orientation, T(1), out.data_ptr<T>());
+}
+
+// The whole backward of the solve: λ = T⁻ᵀ g by the adjoint solve, then (need_w) the weight
+// gradient of x and λ, negated (x = T⁻¹ y  ⇒  ∂L/∂W = −λ ⋆ x). With at least as many images as
+// threads both happen in one pass per image, while the image's λ is still in cache; with fewer,
+// the adjoint solve is split inside the images and the weight gradient over taps.
+template <class K>
+void run_backward(const at::Tensor& g, const at::Tensor& w, const at::Tensor& x, at::Tensor& lam, at::Tensor* gw,
+                  int orientation, bool unit) {
+  using Ops = typename K::O;
+  using T = typename Ops::T;
+  using RS = typename K::RS;
+  using WG = typename K::WG;
+  const int64_t B = g.size(0);
+  const int C = (int)g.size(1), H = (int)g.size(2), W = (int)g.size(3), k = (int)w.size(2);
+  const int Cp = (C + Ops::G - 1) / Ops::G * Ops::G;
+  const int eff = orientation ^ 3;  // the adjoint solve reads the opposite quadrant
+  const bool flip_h = eff & 2, flip_w = eff & 1;
+  const int pt = (orientation & 2) ? 0 : k - 1, pl = (orientation & 1) ? 0 : k - 1;  // forward padding
+  Scratch<T> wf((size_t)k * k * C * Cp);
+  fold_weights<T>(w.data_ptr<T>(), C, k, flip_h, flip_w, /*adjoint=*/true, unit, wf.ptr, Cp);
+  std::vector<int> chan(C);
+  for (int c = 0; c < C; ++c) chan[c] = C - 1 - c;
+  const T* gp = g.data_ptr<T>();
+  const T* xp = x.data_ptr<T>();
+  T* lp = lam.data_ptr<T>();
+  const int threads = std::max(1, at::get_num_threads());
+  if (B < threads && !at::in_parallel_region()) {
+    solve_images<K>(gp, lp, B, wf.ptr, chan.data(), C, Cp, H, W, k, flip_h, flip_w);
+    if (gw) weight_grad_images<K>(xp, lp, B, C, Cp, H, W, k, orientation, T(-1), gw->data_ptr<T>());
+    return;
+  }
+  const ptrdiff_t image = (ptrdiff_t)C * H * W;
+  const size_t gsize = (size_t)k * k * C * Cp;
+  const int64_t grain = grain_images(C, Cp, H, W, k, Ops::G);
+  const int64_t tasks = std::min<int64_t>(std::max<int64_t>(1, B / grain), threads);
+  std::vector<Scratch<T>> partial;
+  if (gw) {
+    partial.reserve(tasks);
+    for (int64_t t = 0; t < tasks; ++t) partial.emplace_back(gsize);
+  }
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    Scratch<T> ring((size_t)k * (W + k - 1) * Cp), acc((size_t)W * Cp);
+    std::unique_ptr<Scratch<T>> lamT(gw ? new Scratch<T>((size_t)H * W * Cp) : nullptr);
+    std::vector<typename RS::Tap> taps((size_t)k * k + 1);
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t b = B * t / tasks; b < B * (t + 1) / tasks; ++b) {
+        RS::solve_image(gp + b * image, lp + b * image, wf.ptr, chan.data(), C, Cp, H, W, k, flip_h, flip_w, ring.ptr,
+                        typename RS::Work{acc.ptr, taps.data()});
+        if (gw) WG::image(xp + b * image, lp + b * image, lamT->ptr, partial[t].ptr, C, Cp, H, W, k, pt, pl);
+      }
+  });
+  if (!gw) return;
+  T* dst = gw->data_ptr<T>();  // (C_out, C_in, k, k)
+  for (int o = 0; o < C; ++o)
+    for (int c = 0; c < C; ++c)
+      for (int t = 0; t < k * k; ++t) {
+        T s = T(0);
+        for (int64_t p = 0; p < tasks; ++p) s += partial[p].ptr[((size_t)t * C + c) * Cp + o];
+        dst[((size_t)o * C + c) * k * k + t] = -s;
+      }
+}
+
+// Runs f(OpsTag<Kit>{}) with the kernels of the resolved ISA for element type T.
+template <class O>
+struct OpsTag {
+  using type = O;
+};
+
+template <class T, class Fn>
+void with_ops(int64_t isa, Fn&& f) {
   constexpr bool f32 = std::is_same_v<T, float>;
 #if INVCONV_X86_DISPATCH
-  if (use_avx2) {
-    using Ops = std::conditional_t<f32, invconv_avx2::OpsF32, invconv_avx2::OpsF64>;
-    run_images<invconv_avx2::RowSolver<Ops>>(y, w, x, orientation, unit, adjoint);
+  if (isa == kIsaAvx512) {
+    f(OpsTag<invconv_avx512::Kit<std::conditional_t<f32, invconv_avx512::OpsF32, invconv_avx512::OpsF64>>>{});
+    return;
+  }
+  if (isa == kIsaAvx2) {
+    f(OpsTag<invconv_avx2::Kit<std::conditional_t<f32, invconv_avx2::OpsF32, invconv_avx2::OpsF64>>>{});
     return;
   }
 #endif
-  using Ops = std::conditional_t<f32, invconv_generic::OpsF32, invconv_generic::OpsF64>;
-  run_images<invconv_generic::RowSolver<Ops>>(y, w, x, orientation, unit, adjoint);
+  f(OpsTag<invconv_generic::Kit<std::conditional_t<f32, invconv_generic::OpsF32, invconv_generic::OpsF64>>>{});
 }
 
-bool resolve_isa(int64_t isa) {
-  TORCH_CHECK(isa == kIsaAuto || isa == kIsaGeneric || isa == kIsaAvx2,
-              "invconv_cpu.solve: isa must be 0 (auto), 1 (generic) or 2 (avx2), got ", isa);
+// The ISA code a request resolves to: auto takes the widest the CPU has; a forced one must exist.
+int64_t resolve_isa(int64_t isa, const char* op) {
+  TORCH_CHECK(isa == kIsaAuto || isa == kIsaGeneric || isa == kIsaAvx2 || isa == kIsaAvx512, "invconv_cpu.", op,
+              ": isa must be 0 (auto), 1 (generic), 2 (avx2) or 3 (avx512), got ", isa);
   if (isa == kIsaAvx2)
-    TORCH_CHECK(cpu_has_avx2_fma(), "invconv_cpu.solve: isa=avx2 requested but this CPU (or build) has no AVX2+FMA");
-  return isa == kIsaAvx2 || (isa == kIsaAuto && cpu_has_avx2_fma());
+    TORCH_CHECK(cpu_has_avx2_fma(), "invconv_cpu.", op, ": isa=avx2 requested but this CPU (or build) has no AVX2+FMA");
+  if (isa == kIsaAvx512)
+    TORCH_CHECK(cpu_has_avx512(), "invconv_cpu.", op,
+                ": isa=avx512 requested but this CPU (or build) has no AVX-512 F/VL/BW/DQ");
+  if (isa != kIsaAuto) return isa;
+  return cpu_has_avx512() ? kIsaAvx512 : (cpu_has_avx2_fma() ? kIsaAvx2 : kIsaGeneric);
 }
 
 // x with causal_conv2d(x, weight, orientation) == y (adjoint=false), or λ = T⁻ᵀ y (adjoint=true).
@@ -243,101 +569,16 @@ at::Tensor solve(const at::Tensor& y_, const at::Tensor& weight_, int64_t orient
   TORCH_CHECK(y_.scalar_type() == at::kFloat || y_.scalar_type() == at::kDouble,
               "invconv_cpu.solve: float32 or float64 required, got ", y_.scalar_type());
   TORCH_CHECK(orientation >= 0 && orientation < 4, "invconv_cpu.solve: orientation code must be 0..3");
-  const bool use_avx2 = resolve_isa(isa);
+  const int64_t code = resolve_isa(isa, "solve");
   at::Tensor y = y_.contiguous(), w = weight_.contiguous();
   at::Tensor x = at::empty_like(y, at::MemoryFormat::Contiguous);
   if (y.numel() == 0) return x;
+  auto run = [&](auto tag) { run_solve<typename decltype(tag)::type>(y, w, x, (int)orientation, unit_diagonal, adjoint); };
   if (y.scalar_type() == at::kFloat)
-    solve_typed<float>(y, w, x, (int)orientation, unit_diagonal, adjoint, use_avx2);
+    with_ops<float>(code, run);
   else
-    solve_typed<double>(y, w, x, (int)orientation, unit_diagonal, adjoint, use_avx2);
+    with_ops<double>(code, run);
   return x;
-}
-
-template <class WG>
-void weight_grad_run(const at::Tensor& x, const at::Tensor& lam, at::Tensor& out, int k, int orientation) {
-  using T = typename WG::T;
-  const int64_t B = x.size(0);
-  const int C = (int)x.size(1), H = (int)x.size(2), W = (int)x.size(3);
-  const int Cp = (C + WG::V - 1) / WG::V * WG::V;
-  const int pt = (orientation & 2) ? 0 : k - 1, pl = (orientation & 1) ? 0 : k - 1;  // top/left padding
-  const ptrdiff_t image = (ptrdiff_t)C * H * W;
-  const size_t gsize = (size_t)k * k * C * Cp;
-  const T* xp = x.data_ptr<T>();
-  const T* lp = lam.data_ptr<T>();
-  const int64_t grain = grain_images(C, Cp, H, W, k, WG::V);
-  const int64_t tasks = std::min<int64_t>(std::max<int64_t>(1, B / grain), std::max(1, at::get_num_threads()));
-  std::vector<Scratch<T>> partial;
-  partial.reserve(tasks);
-  for (int64_t t = 0; t < tasks; ++t) partial.emplace_back(gsize);
-  // A partial gradient per task (images split evenly), summed at the end in task order: the
-  // result does not depend on the thread schedule.
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    Scratch<T> lamT((size_t)H * W * Cp);
-    for (int64_t t = t0; t < t1; ++t)
-      for (int64_t b = B * t / tasks; b < B * (t + 1) / tasks; ++b)
-        WG::image(xp + b * image, lp + b * image, lamT.ptr, partial[t].ptr, C, Cp, H, W, k, pt, pl);
-  });
-  T* dst = out.data_ptr<T>();  // (C_out, C_in, k, k)
-  for (int o = 0; o < C; ++o)
-    for (int c = 0; c < C; ++c)
-      for (int t = 0; t < k * k; ++t) {
-        T s = T(0);
-        for (int64_t p = 0; p < tasks; ++p) s += partial[p].ptr[((size_t)t * C + c) * Cp + o];
-        dst[((size_t)o * C + c) * k * k + t] = s;
-      }
-}
-
-// The whole backward of the solve in one pass over the images: λ = T⁻ᵀ g by the adjoint solve,
-// then (need_w) the weight gradient of x and λ while the image's λ is still in cache, negated
-// (x = T⁻¹ y  ⇒  ∂L/∂W = −λ ⋆ x). One parallel region instead of two, no second pass over λ.
-template <class Solver, class WG>
-void backward_run(const at::Tensor& g, const at::Tensor& w, const at::Tensor& x, at::Tensor& lam, at::Tensor* gw,
-                  int orientation, bool unit) {
-  using T = typename Solver::T;
-  static_assert(Solver::V == WG::V, "one padded layout");
-  const int64_t B = g.size(0);
-  const int C = (int)g.size(1), H = (int)g.size(2), W = (int)g.size(3), k = (int)w.size(2);
-  const int Cp = (C + Solver::V - 1) / Solver::V * Solver::V;
-  const int eff = orientation ^ 3;  // the adjoint solve reads the opposite quadrant
-  const bool flip_h = eff & 2, flip_w = eff & 1;
-  const int pt = (orientation & 2) ? 0 : k - 1, pl = (orientation & 1) ? 0 : k - 1;  // forward padding
-  Scratch<T> wf((size_t)k * k * C * Cp);
-  fold_weights<T>(w.data_ptr<T>(), C, k, flip_h, flip_w, /*adjoint=*/true, unit, wf.ptr, Cp);
-  std::vector<int> chan(C);
-  for (int c = 0; c < C; ++c) chan[c] = C - 1 - c;
-  const T* gp = g.data_ptr<T>();
-  const T* xp = x.data_ptr<T>();
-  T* lp = lam.data_ptr<T>();
-  const ptrdiff_t image = (ptrdiff_t)C * H * W;
-  const size_t gsize = (size_t)k * k * C * Cp;
-  const int64_t grain = grain_images(C, Cp, H, W, k, Solver::V);
-  const int64_t tasks = std::min<int64_t>(std::max<int64_t>(1, B / grain), std::max(1, at::get_num_threads()));
-  std::vector<Scratch<T>> partial;
-  if (gw) {
-    partial.reserve(tasks);
-    for (int64_t t = 0; t < tasks; ++t) partial.emplace_back(gsize);
-  }
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    Scratch<T> ring((size_t)k * (W + k - 1) * Cp), acc((size_t)W * Cp);
-    std::unique_ptr<Scratch<T>> lamT(gw ? new Scratch<T>((size_t)H * W * Cp) : nullptr);
-    std::vector<typename Solver::Tap> taps((size_t)k * k + 1);
-    for (int64_t t = t0; t < t1; ++t)
-      for (int64_t b = B * t / tasks; b < B * (t + 1) / tasks; ++b) {
-        Solver::solve_image(gp + b * image, lp + b * image, wf.ptr, chan.data(), C, Cp, H, W, k, flip_h, flip_w,
-                            ring.ptr, acc.ptr, taps.data());
-        if (gw) WG::image(xp + b * image, lp + b * image, lamT->ptr, partial[t].ptr, C, Cp, H, W, k, pt, pl);
-      }
-  });
-  if (!gw) return;
-  T* dst = gw->data_ptr<T>();  // (C_out, C_in, k, k)
-  for (int o = 0; o < C; ++o)
-    for (int c = 0; c < C; ++c)
-      for (int t = 0; t < k * k; ++t) {
-        T s = T(0);
-        for (int64_t p = 0; p < tasks; ++p) s += partial[p].ptr[((size_t)t * C + c) * Cp + o];
-        dst[((size_t)o * C + c) * k * k + t] = -s;
-      }
 }
 
 // The backward of solve(y, weight, orientation) at its output x for the output gradient grad:
@@ -356,32 +597,20 @@ std::tuple<at::Tensor, at::Tensor> solve_backward(const at::Tensor& grad_, const
                   (grad_.scalar_type() == at::kFloat || grad_.scalar_type() == at::kDouble),
               "invconv_cpu.solve_backward: float32 or float64 tensors of one dtype required");
   TORCH_CHECK(orientation >= 0 && orientation < 4, "invconv_cpu.solve_backward: orientation code must be 0..3");
-  const bool use_avx2 = resolve_isa(isa);
+  const int64_t code = resolve_isa(isa, "solve_backward");
   at::Tensor g = grad_.contiguous(), w = weight_.contiguous(), x = x_.contiguous();
   at::Tensor lam = at::empty_like(g, at::MemoryFormat::Contiguous);
   at::Tensor gw;
   if (need_weight_grad) gw = at::zeros(w.sizes(), w.options());
   if (g.numel() == 0) return {lam, gw};
   at::Tensor* gwp = need_weight_grad ? &gw : nullptr;
-  const bool f32 = g.scalar_type() == at::kFloat;
-  const int o = (int)orientation;
-#if INVCONV_X86_DISPATCH
-  if (use_avx2) {
-    if (f32)
-      backward_run<invconv_avx2::RowSolver<invconv_avx2::OpsF32>, invconv_avx2::WeightGrad<invconv_avx2::OpsF32>>(
-          g, w, x, lam, gwp, o, unit_diagonal);
-    else
-      backward_run<invconv_avx2::RowSolver<invconv_avx2::OpsF64>, invconv_avx2::WeightGrad<invconv_avx2::OpsF64>>(
-          g, w, x, lam, gwp, o, unit_diagonal);
-    return {lam, gw};
-  }
-#endif
-  if (f32)
-    backward_run<invconv_generic::RowSolver<invconv_generic::OpsF32>,
-                 invconv_generic::WeightGrad<invconv_generic::OpsF32>>(g, w, x, lam, gwp, o, unit_diagonal);
+  auto run = [&](auto tag) {
+    run_backward<typename decltype(tag)::type>(g, w, x, lam, gwp, (int)orientation, unit_diagonal);
+  };
+  if (g.scalar_type() == at::kFloat)
+    with_ops<float>(code, run);
   else
-    backward_run<invconv_generic::RowSolver<invconv_generic::OpsF64>,
-                 invconv_generic::WeightGrad<invconv_generic::OpsF64>>(g, w, x, lam, gwp, o, unit_diagonal);
+    with_ops<double>(code, run);
   return {lam, gw};
 }
 
@@ -395,29 +624,69 @@ at::Tensor weight_grad(const at::Tensor& x_, const at::Tensor& lam_, int64_t k, 
                   (x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kDouble),
               "invconv_cpu.weight_grad: float32 or float64 tensors of one dtype required");
   TORCH_CHECK(k >= 1 && orientation >= 0 && orientation < 4, "invconv_cpu.weight_grad: bad k or orientation");
-  const bool use_avx2 = resolve_isa(isa);
+  const int64_t code = resolve_isa(isa, "weight_grad");
   at::Tensor x = x_.contiguous(), lam = lam_.contiguous();
   const int64_t C = x.size(1);
   at::Tensor out = at::zeros({C, C, k, k}, x.options());
   if (x.numel() == 0) return out;
-  const bool f32 = x.scalar_type() == at::kFloat;
-#if INVCONV_X86_DISPATCH
-  if (use_avx2) {
-    if (f32)
-      weight_grad_run<invconv_avx2::WeightGrad<invconv_avx2::OpsF32>>(x, lam, out, (int)k, (int)orientation);
-    else
-      weight_grad_run<invconv_avx2::WeightGrad<invconv_avx2::OpsF64>>(x, lam, out, (int)k, (int)orientation);
-    return out;
-  }
-#endif
-  if (f32)
-    weight_grad_run<invconv_generic::WeightGrad<invconv_generic::OpsF32>>(x, lam, out, (int)k, (int)orientation);
+  auto run = [&](auto tag) { run_weight_grad<typename decltype(tag)::type>(x, lam, out, (int)k, (int)orientation); };
+  if (x.scalar_type() == at::kFloat)
+    with_ops<float>(code, run);
   else
-    weight_grad_run<invconv_generic::WeightGrad<invconv_generic::OpsF64>>(x, lam, out, (int)k, (int)orientation);
+    with_ops<double>(code, run);
   return out;
 }
 
-std::string best_isa() { return cpu_has_avx2_fma() ? "avx2+fma" : "generic"; }
+std::string isa_name(int64_t code) {
+  return code == kIsaAvx512 ? "avx512" : (code == kIsaAvx2 ? "avx2+fma" : "generic");
+}
+
+std::string best_isa() { return isa_name(resolve_isa(kIsaAuto, "isa")); }
+
+// Every SIMD path this CPU can run, narrowest first (the tests force each in turn).
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out{"generic"};
+  if (cpu_has_avx2_fma()) out.push_back("avx2+fma");
+  if (cpu_has_avx512()) out.push_back("avx512");
+  return out;
+}
+
+// The clock of the calling core in GHz, measured: a chain of dependent integer additions runs
+// at one per cycle on every x86-64 core, so additions ÷ seconds is the clock (best of `reps`
+// short runs, as a descheduled thread only makes it look slower). 0 where it cannot be measured.
+double measure_clock_ghz(int64_t reps) {
+#if INVCONV_X86_DISPATCH && defined(__x86_64__)
+  constexpr int64_t kIters = 250000;  // 2 M cycles: about a millisecond per run
+  double best = 0;
+  for (int64_t r = 0; r < std::max<int64_t>(1, reps); ++r) {
+    uint64_t v = 0;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int64_t i = 0; i < kIters; ++i)
+      asm volatile(
+          "add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\t"
+          "add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0"
+          : "+r"(v));
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (s > 0) best = std::max(best, (double)v / s / 1e9);
+  }
+  return best;
+#else
+  (void)reps;
+  return 0.0;
+#endif
+}
+
+// FLOP/s of one thread at the widest vector of `isa` (0 = auto) for float32 or float64.
+double measure_peak_flops(int64_t isa, bool double_precision, int64_t reps) {
+  const int64_t code = resolve_isa(isa, "peak_flops");
+  double out = 0;
+  auto run = [&](auto tag) { out = decltype(tag)::type::PK::flops_per_second(50000, (int)std::max<int64_t>(1, reps)); };
+  if (double_precision)
+    with_ops<double>(code, run);
+  else
+    with_ops<float>(code, run);
+  return out;
+}
 
 }  // namespace
 
@@ -430,4 +699,7 @@ TORCH_LIBRARY(invconv_cpu, m) {
       "bool need_weight_grad, int isa=0) -> (Tensor, Tensor)",
       &solve_backward);
   m.def("isa() -> str", &best_isa);
+  m.def("supported_isas() -> str[]", &supported_isas);
+  m.def("clock_ghz(int reps=50) -> float", &measure_clock_ghz);
+  m.def("peak_flops(int isa=0, bool double_precision=False, int reps=50) -> float", &measure_peak_flops);
 }

@@ -1,6 +1,16 @@
 // The row-walking CPU solve, written once against a small SIMD interface `Ops` (see
-// solve_cpu.cpp, which includes this file twice: inside an AVX2+FMA target region and for the
+// solve_cpu.cpp, which includes this file once per SIMD target: AVX-512, AVX2+FMA and the
 // baseline ISA). No includes and no namespace here on purpose: the includer provides both.
+//
+// `Ops` offers up to three vector widths over one element type T: `F` (the full register), `H`
+// (half of it) and `Q` (a quarter), each with N lanes and zero/load/store/bcast/fmadd/add. The
+// output channels are padded only to the smallest width (16 bytes: 4 floats, 2 doubles), and a
+// block of output channels is covered by full vectors plus at most one half and one quarter
+// vector, so C = 12 is 8 + 4 lanes on AVX2 and on AVX-512 (not 16 with a quarter of the
+// multiply-adds on padding), 24 is 16 + 8 on AVX-512, and so on. Where a width does not exist
+// (the baseline has one; AVX2 has no quarter) `Ops` aliases it to a wider one and says so with
+// kHasHalf / kHasQuarter. `Ops::kAccRegs` is how many accumulators the register file holds
+// beside the operands (12 with 16 vector registers; 16 with 32, as GCC spilled at 24).
 //
 // Logical coordinates. Every orientation is solved as TL in mirrored coordinates: logical row i
 // and column j map to physical (h, w) = (T ? i : H-1-i, L ? j : W-1-j), and the logical tap
@@ -15,18 +25,63 @@
 //
 // Row i is computed in two phases:
 //   A. every tap with da >= 1 plus the centre (y): independent across the row's pixels, so it is
-//      register-blocked over P pixels × NV vectors of output channels (the weight vectors are
+//      register-blocked over P pixels × the vectors of an output block (the weight vectors are
 //      loaded once per P pixels);
 //   B. the in-row taps (da = 0, db >= 1): a recurrence along the row, pixel by pixel, with four
-//      independent accumulators so the dependency chain is C/4 multiply-adds long, not C.
-// The k most recent rows live in a channels-last ring of k slots (`ring`), each slot padded with
-// k-1 zero columns on the logical left; it stays in L1/L2 for the image sizes of interest.
+//      independent accumulators per vector so the dependency chain is C/4 multiply-adds long.
+// Solved rows live channels-last in `ring` (R row slots, each padded with k-1 zero columns on
+// the logical left): R = k when one task walks the whole image, R = H when column strips of one
+// image are solved by several threads (see solve_rows).
+//
+// Every pixel's sum is formed in the same order whatever the blocking, the strip split or the
+// thread count, so results do not depend on them.
+
+// An output block: NF full, NH half and NQ quarter vectors, starting at channel o0.
+template <class Ops, int NF, int NH, int NQ>
+struct OBlock {
+  using F = typename Ops::F;
+  using H = typename Ops::H;
+  using Q = typename Ops::Q;
+  static constexpr int kVecsF = NF, kVecsH = NH, kVecsQ = NQ;
+  static constexpr int kVecs = NF + NH + NQ;
+  static constexpr int kLanes = NF * F::N + NH * H::N + NQ * Q::N;
+  static constexpr int kHOff = NF * F::N;            // first lane of the half vector
+  static constexpr int kQOff = NF * F::N + NH * H::N;  // first lane of the quarter vector
+};
+
+// Calls f(OBlock<...>{}, o0) for consecutive output blocks covering [0, Cp): pairs of full
+// vectors, then one block with the remaining full vector (if any) and the half/quarter tail.
+template <class Ops, class Fn>
+static INVCONV_INLINE void for_each_oblock(int Cp, Fn&& f) {
+  constexpr int VF = Ops::F::N, VH = Ops::H::N, VQ = Ops::Q::N;
+  int o0 = 0;
+  for (; Cp - o0 >= 2 * VF; o0 += 2 * VF)
+    f(OBlock<Ops, 2, 0, 0>{}, o0);
+  const int rem = Cp - o0;
+  const int nf = rem >= VF ? 1 : 0;
+  int tail = rem - nf * VF;
+  const int nh = (Ops::kHasHalf && tail >= VH) ? 1 : 0;
+  tail -= nh * VH;
+  const int nq = (Ops::kHasQuarter && tail >= VQ) ? 1 : 0;
+  switch (nf * 4 + nh * 2 + nq) {
+    case 0: break;
+    case 1: f(OBlock<Ops, 0, 0, 1>{}, o0); break;
+    case 2: f(OBlock<Ops, 0, 1, 0>{}, o0); break;
+    case 3: f(OBlock<Ops, 0, 1, 1>{}, o0); break;
+    case 4: f(OBlock<Ops, 1, 0, 0>{}, o0); break;
+    case 5: f(OBlock<Ops, 1, 0, 1>{}, o0); break;
+    case 6: f(OBlock<Ops, 1, 1, 0>{}, o0); break;
+    default: f(OBlock<Ops, 1, 1, 1>{}, o0); break;
+  }
+}
 
 template <class Ops>
 struct RowSolver {
   using T = typename Ops::T;
-  using vec = typename Ops::vec;
-  static constexpr int V = Ops::V;
+  using F = typename Ops::F;
+  using H = typename Ops::H;
+  using Q = typename Ops::Q;
+  static constexpr int G = Ops::G;  // channel padding granularity (the smallest vector)
 
   struct Tap {
     const T* src;      // input of logical column 0 (channel 0) for this tap
@@ -35,45 +90,81 @@ struct RowSolver {
     const T* w;        // wf[da][db][0][0]
   };
 
-  // acc[j][o0 .. o0+NV*V) for pixels j0 .. j0+P-1: phase A for one block.
-  template <int NV, int P>
+  // Pixels per phase-A register block for an output block of `vecs` vectors.
+  static constexpr int pixels_for(int vecs) {
+    return 8 * vecs <= Ops::kAccRegs || vecs == 1 ? 8 : (4 * vecs <= Ops::kAccRegs ? 4 : 2);
+  }
+
+  // acc[j][o0 .. o0+lanes) for pixels j0 .. j0+P-1: phase A for one block.
+  template <int NF, int NH, int NQ, int P>
   static INVCONV_INLINE void phase_a_block(const Tap* taps, int ntaps, int C, int Cp, int o0, int j0, T* acc) {
-    vec a[P][NV];
-    for (int p = 0; p < P; ++p)
-      for (int v = 0; v < NV; ++v) a[p][v] = Ops::zero();
+    using B = OBlock<Ops, NF, NH, NQ>;
+    typename F::vec af[P][NF > 0 ? NF : 1];
+    typename H::vec ah[P];
+    typename Q::vec aq[P];
+    for (int p = 0; p < P; ++p) {
+      for (int v = 0; v < NF; ++v) af[p][v] = F::zero();
+      if constexpr (NH > 0) ah[p] = H::zero();
+      if constexpr (NQ > 0) aq[p] = Q::zero();
+    }
     for (int t = 0; t < ntaps; ++t) {
       const ptrdiff_t ps = taps[t].pstep, cs = taps[t].cstep;
       const T* s = taps[t].src + j0 * ps;
       const T* w = taps[t].w + o0;
-      for (int c = 0; c < C; ++c, s += cs) {
-        vec wv[NV];
-        for (int v = 0; v < NV; ++v) wv[v] = Ops::load(w + (ptrdiff_t)c * Cp + v * V);
+      for (int c = 0; c < C; ++c, s += cs, w += Cp) {
+        typename F::vec wv[NF > 0 ? NF : 1];
+        typename H::vec wh;
+        typename Q::vec wq;
+        for (int v = 0; v < NF; ++v) wv[v] = F::load(w + v * F::N);
+        if constexpr (NH > 0) wh = H::load(w + B::kHOff);
+        if constexpr (NQ > 0) wq = Q::load(w + B::kQOff);
         for (int p = 0; p < P; ++p) {
-          const vec b = Ops::bcast(s + p * ps);
-          for (int v = 0; v < NV; ++v) a[p][v] = Ops::fmadd(wv[v], b, a[p][v]);
+          const T* sp = s + p * ps;
+          if constexpr (NF > 0) {
+            const typename F::vec b = F::bcast(sp);
+            for (int v = 0; v < NF; ++v) af[p][v] = F::fmadd(wv[v], b, af[p][v]);
+          }
+          if constexpr (NH > 0) ah[p] = H::fmadd(wh, H::bcast(sp), ah[p]);
+          if constexpr (NQ > 0) aq[p] = Q::fmadd(wq, Q::bcast(sp), aq[p]);
         }
       }
     }
-    for (int p = 0; p < P; ++p)
-      for (int v = 0; v < NV; ++v) Ops::store(acc + (ptrdiff_t)(j0 + p) * Cp + o0 + v * V, a[p][v]);
+    for (int p = 0; p < P; ++p) {
+      T* dst = acc + (ptrdiff_t)(j0 + p) * Cp + o0;
+      for (int v = 0; v < NF; ++v) F::store(dst + v * F::N, af[p][v]);
+      if constexpr (NH > 0) H::store(dst + B::kHOff, ah[p]);
+      if constexpr (NQ > 0) Q::store(dst + B::kQOff, aq[p]);
+    }
   }
 
-  template <int NV, int P>
-  static INVCONV_INLINE void phase_a_chunk(const Tap* taps, int ntaps, int C, int Cp, int o0, int width, T* acc) {
-    int j = 0;
-    for (; j + P <= width; j += P) phase_a_block<NV, P>(taps, ntaps, C, Cp, o0, j, acc);
-    for (; j < width; ++j) phase_a_block<NV, 1>(taps, ntaps, C, Cp, o0, j, acc);
+  template <int NF, int NH, int NQ>
+  static INVCONV_INLINE void phase_a_chunk(const Tap* taps, int ntaps, int C, int Cp, int o0, int jb, int je, T* acc) {
+    constexpr int P = pixels_for(NF + NH + NQ);
+    int j = jb;
+    for (; j + P <= je; j += P) phase_a_block<NF, NH, NQ, P>(taps, ntaps, C, Cp, o0, j, acc);
+    for (; j < je; ++j) phase_a_block<NF, NH, NQ, 1>(taps, ntaps, C, Cp, o0, j, acc);
   }
 
-  // Phase B for pixel j, output vectors [o0, o0 + NV*V): x = acc + Σ_{db>=1} wf[0][db]·x[j-db].
-  template <int NV>
+  // Phase B for pixel j, one output block: x = acc + Σ_{db>=1} wf[0][db]·x[j-db].
+  template <int NF, int NH, int NQ>
   static INVCONV_INLINE void phase_b_pixel(const T* wf, T* cur, const T* acc, int k, int C, int Cp, int o0, int j) {
-    vec a0[NV], a1[NV], a2[NV], a3[NV];
-    for (int v = 0; v < NV; ++v) {
-      a0[v] = Ops::load(acc + (ptrdiff_t)j * Cp + o0 + v * V);
-      a1[v] = Ops::zero();
-      a2[v] = Ops::zero();
-      a3[v] = Ops::zero();
+    using B = OBlock<Ops, NF, NH, NQ>;
+    constexpr int NFx = NF > 0 ? NF : 1;
+    typename F::vec f0[NFx], f1[NFx], f2[NFx], f3[NFx];
+    typename H::vec h0, h1, h2, h3;
+    typename Q::vec q0, q1, q2, q3;
+    const T* a = acc + (ptrdiff_t)j * Cp + o0;
+    for (int v = 0; v < NF; ++v) {
+      f0[v] = F::load(a + v * F::N);
+      f1[v] = f2[v] = f3[v] = F::zero();
+    }
+    if constexpr (NH > 0) {
+      h0 = H::load(a + B::kHOff);
+      h1 = h2 = h3 = H::zero();
+    }
+    if constexpr (NQ > 0) {
+      q0 = Q::load(a + B::kQOff);
+      q1 = q2 = q3 = Q::zero();
     }
     // Far taps first: they do not depend on the pixel just solved, so they overlap its latency.
     for (int db = k - 1; db >= 1; --db) {
@@ -81,35 +172,72 @@ struct RowSolver {
       const T* w = wf + (ptrdiff_t)db * C * Cp + o0;
       int c = 0;
       for (; c + 4 <= C; c += 4) {
-        const vec b0 = Ops::bcast(s + c), b1 = Ops::bcast(s + c + 1);
-        const vec b2 = Ops::bcast(s + c + 2), b3 = Ops::bcast(s + c + 3);
-        for (int v = 0; v < NV; ++v) {
-          a0[v] = Ops::fmadd(Ops::load(w + (ptrdiff_t)c * Cp + v * V), b0, a0[v]);
-          a1[v] = Ops::fmadd(Ops::load(w + (ptrdiff_t)(c + 1) * Cp + v * V), b1, a1[v]);
-          a2[v] = Ops::fmadd(Ops::load(w + (ptrdiff_t)(c + 2) * Cp + v * V), b2, a2[v]);
-          a3[v] = Ops::fmadd(Ops::load(w + (ptrdiff_t)(c + 3) * Cp + v * V), b3, a3[v]);
+        const T* w0 = w + (ptrdiff_t)c * Cp;
+        const T* w1 = w0 + Cp;
+        const T* w2 = w1 + Cp;
+        const T* w3 = w2 + Cp;
+        if constexpr (NF > 0) {
+          const typename F::vec b0 = F::bcast(s + c), b1 = F::bcast(s + c + 1);
+          const typename F::vec b2 = F::bcast(s + c + 2), b3 = F::bcast(s + c + 3);
+          for (int v = 0; v < NF; ++v) {
+            f0[v] = F::fmadd(F::load(w0 + v * F::N), b0, f0[v]);
+            f1[v] = F::fmadd(F::load(w1 + v * F::N), b1, f1[v]);
+            f2[v] = F::fmadd(F::load(w2 + v * F::N), b2, f2[v]);
+            f3[v] = F::fmadd(F::load(w3 + v * F::N), b3, f3[v]);
+          }
+        }
+        if constexpr (NH > 0) {
+          h0 = H::fmadd(H::load(w0 + B::kHOff), H::bcast(s + c), h0);
+          h1 = H::fmadd(H::load(w1 + B::kHOff), H::bcast(s + c + 1), h1);
+          h2 = H::fmadd(H::load(w2 + B::kHOff), H::bcast(s + c + 2), h2);
+          h3 = H::fmadd(H::load(w3 + B::kHOff), H::bcast(s + c + 3), h3);
+        }
+        if constexpr (NQ > 0) {
+          q0 = Q::fmadd(Q::load(w0 + B::kQOff), Q::bcast(s + c), q0);
+          q1 = Q::fmadd(Q::load(w1 + B::kQOff), Q::bcast(s + c + 1), q1);
+          q2 = Q::fmadd(Q::load(w2 + B::kQOff), Q::bcast(s + c + 2), q2);
+          q3 = Q::fmadd(Q::load(w3 + B::kQOff), Q::bcast(s + c + 3), q3);
         }
       }
       for (; c < C; ++c) {
-        const vec b = Ops::bcast(s + c);
-        for (int v = 0; v < NV; ++v) a0[v] = Ops::fmadd(Ops::load(w + (ptrdiff_t)c * Cp + v * V), b, a0[v]);
+        const T* wc = w + (ptrdiff_t)c * Cp;
+        if constexpr (NF > 0) {
+          const typename F::vec b = F::bcast(s + c);
+          for (int v = 0; v < NF; ++v) f0[v] = F::fmadd(F::load(wc + v * F::N), b, f0[v]);
+        }
+        if constexpr (NH > 0) h0 = H::fmadd(H::load(wc + B::kHOff), H::bcast(s + c), h0);
+        if constexpr (NQ > 0) q0 = Q::fmadd(Q::load(wc + B::kQOff), Q::bcast(s + c), q0);
       }
     }
-    for (int v = 0; v < NV; ++v)
-      Ops::store(cur + (ptrdiff_t)(k - 1 + j) * Cp + o0 + v * V,
-                 Ops::add(Ops::add(a0[v], a1[v]), Ops::add(a2[v], a3[v])));
+    T* out = cur + (ptrdiff_t)(k - 1 + j) * Cp + o0;
+    for (int v = 0; v < NF; ++v) F::store(out + v * F::N, F::add(F::add(f0[v], f1[v]), F::add(f2[v], f3[v])));
+    if constexpr (NH > 0) H::store(out + B::kHOff, H::add(H::add(h0, h1), H::add(h2, h3)));
+    if constexpr (NQ > 0) Q::store(out + B::kQOff, Q::add(Q::add(q0, q1), Q::add(q2, q3)));
   }
 
-  // Solve one image. `y` and `x` point at the image (C, H, W) in NCHW; `chan` maps logical to
-  // physical channels (identity, or reversed for the adjoint); `ring` holds k*(W+k-1)*Cp and
-  // `acc` W*Cp elements, 32-byte aligned, with the ring's padding columns zero.
-  static void solve_image(const T* y, T* x, const T* wf, const int* chan, int C, int Cp, int H, int W, int k,
-                          bool flip_h, bool flip_w, T* ring, T* acc, Tap* taps) {
+  // Per-task scratch: `acc` holds W*Cp elements (64-byte aligned), `taps` k*k+1 entries.
+  struct Work {
+    T* acc;
+    Tap* taps;
+  };
+
+  // Solve rows [0, H) of one image over logical columns [jb, je). `y` and `x` point at the image
+  // (C, H, W) in NCHW; `chan` maps logical to physical channels (identity, or reversed for the
+  // adjoint); `ring` holds R*(W+k-1)*Cp elements with its padding columns zero (R = k, or R = H
+  // when several strips share it). `before_row(i)` is called before row i and `after_row(i)`
+  // after it (the strip split waits for and publishes progress there; no-ops otherwise).
+  template <class Before, class After>
+  static void solve_rows(const T* y, T* x, const T* wf, const int* chan, int C, int Cp, int Hh, int W, int k,
+                         bool flip_h, bool flip_w, T* ring, int R, int jb, int je, Work work, Before&& before_row,
+                         After&& after_row) {
     const ptrdiff_t slot = (ptrdiff_t)(W + k - 1) * Cp;
-    const ptrdiff_t plane = (ptrdiff_t)H * W;
-    for (int i = 0; i < H; ++i) {
-      const int h = flip_h ? H - 1 - i : i;
-      T* cur = ring + (ptrdiff_t)(i % k) * slot;
+    const ptrdiff_t plane = (ptrdiff_t)Hh * W;
+    T* acc = work.acc;
+    Tap* taps = work.taps;
+    for (int i = 0; i < Hh; ++i) {
+      before_row(i);
+      const int h = flip_h ? Hh - 1 - i : i;
+      T* cur = ring + (ptrdiff_t)(i % R) * slot;
       T* curx = cur + (ptrdiff_t)(k - 1) * Cp;  // logical column 0 of the current row
       // Phase A taps: the centre, reading y in place (NCHW, through the orientation's and the
       // channel order's strides: no transposed copy), and every tap of the rows above that exist.
@@ -118,33 +246,40 @@ struct RowSolver {
       const ptrdiff_t y_cstep = C > 1 ? (chan[1] - chan[0]) * plane : 0;
       taps[ntaps++] = Tap{y_row, flip_w ? -1 : 1, y_cstep, wf};
       for (int da = 1; da < k && da <= i; ++da) {
-        const T* row = ring + (ptrdiff_t)((i - da) % k) * slot;
+        const T* row = ring + (ptrdiff_t)((i - da) % R) * slot;
         for (int db = 0; db < k; ++db)
           taps[ntaps++] = Tap{row + (ptrdiff_t)(k - 1 - db) * Cp, Cp, 1, wf + (ptrdiff_t)(da * k + db) * C * Cp};
       }
-      int o0 = 0;
-      for (; o0 + 2 * V <= Cp; o0 += 2 * V) phase_a_chunk<2, 4>(taps, ntaps, C, Cp, o0, W, acc);
-      for (; o0 < Cp; o0 += V) phase_a_chunk<1, 8>(taps, ntaps, C, Cp, o0, W, acc);
+      for_each_oblock<Ops>(Cp, [&](auto blk, int o0) {
+        using B = decltype(blk);
+        phase_a_chunk<B::kVecsF, B::kVecsH, B::kVecsQ>(taps, ntaps, C, Cp, o0, jb, je, acc);
+      });
       // Phase B: along the row.
       if (k > 1) {
-        for (int j = 0; j < W; ++j) {
-          int o = 0;
-          for (; o + 2 * V <= Cp; o += 2 * V) phase_b_pixel<2>(wf, cur, acc, k, C, Cp, o, j);
-          for (; o < Cp; o += V) phase_b_pixel<1>(wf, cur, acc, k, C, Cp, o, j);
-        }
+        for (int j = jb; j < je; ++j)
+          for_each_oblock<Ops>(Cp, [&](auto blk, int o0) {
+            using B = decltype(blk);
+            phase_b_pixel<B::kVecsF, B::kVecsH, B::kVecsQ>(wf, cur, acc, k, C, Cp, o0, j);
+          });
       } else {
-        for (int j = 0; j < W; ++j)
-          for (int o = 0; o < Cp; o += V) Ops::store(curx + (ptrdiff_t)j * Cp + o, Ops::load(acc + (ptrdiff_t)j * Cp + o));
+        std::memcpy(curx + (ptrdiff_t)jb * Cp, acc + (ptrdiff_t)jb * Cp, sizeof(T) * (size_t)(je - jb) * Cp);
       }
-      // The solved row out, NCHW.
+      // The solved columns of the row out, NCHW.
       for (int c = 0; c < C; ++c) {
         T* xr = x + chan[c] * plane + (ptrdiff_t)h * W;
         if (flip_w)
-          for (int j = 0; j < W; ++j) xr[W - 1 - j] = curx[(ptrdiff_t)j * Cp + c];
+          for (int j = jb; j < je; ++j) xr[W - 1 - j] = curx[(ptrdiff_t)j * Cp + c];
         else
-          for (int j = 0; j < W; ++j) xr[j] = curx[(ptrdiff_t)j * Cp + c];
+          for (int j = jb; j < je; ++j) xr[j] = curx[(ptrdiff_t)j * Cp + c];
       }
+      after_row(i);
     }
+  }
+
+  // The whole image on the calling thread, with a ring of k rows.
+  static void solve_image(const T* y, T* x, const T* wf, const int* chan, int C, int Cp, int Hh, int W, int k,
+                          bool flip_h, bool flip_w, T* ring, Work work) {
+    solve_rows(y, x, wf, chan, C, Cp, Hh, W, k, flip_h, flip_w, ring, k, 0, W, work, [](int) {}, [](int) {});
   }
 };
 
@@ -152,60 +287,143 @@ struct RowSolver {
 // for the physical tap t = (a, b) of an orientation with top/left padding (pt, pl), i.e. the
 // convolution weight gradient of input x (zero outside the image) and output gradient lam, for
 // one image. `lamT` is lam channels last ((H*W) × Cp, padded lanes zero), `g` is (k*k) × C × Cp.
-// Register-blocked as NV output vectors × CB input channels; one pass over the pixels per block.
+// Register-blocked as one output block × CB input channels; one pass over the pixels per block.
 template <class Ops>
 struct WeightGrad {
   using T = typename Ops::T;
-  using vec = typename Ops::vec;
-  static constexpr int V = Ops::V;
+  using F = typename Ops::F;
+  using H = typename Ops::H;
+  using Q = typename Ops::Q;
 
-  template <int NV, int CB>
-  static INVCONV_INLINE void block(const T* x, const T* lamT, T* g, int C, int Cp, int H, int W, int a, int b,
-                                   int pt, int pl, int c0, int o0) {
-    const int h0 = std::max(0, pt - a), h1 = std::min(H, H + pt - a);
+  template <int NF, int NH, int NQ, int CB>
+  static INVCONV_INLINE void block(const T* x, const T* lamT, T* g, int Cp, int Hh, int W, int a, int b, int pt,
+                                   int pl, int c0, int o0) {
+    using B = OBlock<Ops, NF, NH, NQ>;
+    const int h0 = std::max(0, pt - a), h1 = std::min(Hh, Hh + pt - a);
     const int w0 = std::max(0, pl - b), w1 = std::min(W, W + pl - b);
     if (h0 >= h1 || w0 >= w1) return;
-    const ptrdiff_t plane = (ptrdiff_t)H * W;
-    vec acc[CB][NV];
-    for (int cc = 0; cc < CB; ++cc)
-      for (int v = 0; v < NV; ++v) acc[cc][v] = Ops::zero();
+    const ptrdiff_t plane = (ptrdiff_t)Hh * W;
+    constexpr int NFx = NF > 0 ? NF : 1;
+    typename F::vec af[CB][NFx];
+    typename H::vec ah[CB];
+    typename Q::vec aq[CB];
+    for (int cc = 0; cc < CB; ++cc) {
+      for (int v = 0; v < NF; ++v) af[cc][v] = F::zero();
+      if constexpr (NH > 0) ah[cc] = H::zero();
+      if constexpr (NQ > 0) aq[cc] = Q::zero();
+    }
     for (int h = h0; h < h1; ++h) {
       const T* xr = x + (ptrdiff_t)c0 * plane + (ptrdiff_t)(h + a - pt) * W + (b - pl);
       const T* lr = lamT + (ptrdiff_t)h * W * Cp + o0;
       for (int w = w0; w < w1; ++w) {
-        vec l[NV];
-        for (int v = 0; v < NV; ++v) l[v] = Ops::load(lr + (ptrdiff_t)w * Cp + v * V);
+        const T* lw = lr + (ptrdiff_t)w * Cp;
+        typename F::vec lf[NFx];
+        typename H::vec lh;
+        typename Q::vec lq;
+        for (int v = 0; v < NF; ++v) lf[v] = F::load(lw + v * F::N);
+        if constexpr (NH > 0) lh = H::load(lw + B::kHOff);
+        if constexpr (NQ > 0) lq = Q::load(lw + B::kQOff);
         for (int cc = 0; cc < CB; ++cc) {
-          const vec s = Ops::bcast(xr + cc * plane + w);
-          for (int v = 0; v < NV; ++v) acc[cc][v] = Ops::fmadd(s, l[v], acc[cc][v]);
+          const T* sp = xr + cc * plane + w;
+          if constexpr (NF > 0) {
+            const typename F::vec s = F::bcast(sp);
+            for (int v = 0; v < NF; ++v) af[cc][v] = F::fmadd(s, lf[v], af[cc][v]);
+          }
+          if constexpr (NH > 0) ah[cc] = H::fmadd(H::bcast(sp), lh, ah[cc]);
+          if constexpr (NQ > 0) aq[cc] = Q::fmadd(Q::bcast(sp), lq, aq[cc]);
         }
       }
     }
-    for (int cc = 0; cc < CB; ++cc)
-      for (int v = 0; v < NV; ++v) {
-        T* dst = g + (ptrdiff_t)(c0 + cc) * Cp + o0 + v * V;
-        Ops::store(dst, Ops::add(Ops::load(dst), acc[cc][v]));
-      }
+    for (int cc = 0; cc < CB; ++cc) {
+      T* dst = g + (ptrdiff_t)(c0 + cc) * Cp + o0;
+      for (int v = 0; v < NF; ++v) F::store(dst + v * F::N, F::add(F::load(dst + v * F::N), af[cc][v]));
+      if constexpr (NH > 0) H::store(dst + B::kHOff, H::add(H::load(dst + B::kHOff), ah[cc]));
+      if constexpr (NQ > 0) Q::store(dst + B::kQOff, Q::add(Q::load(dst + B::kQOff), aq[cc]));
+    }
   }
 
-  static void image(const T* x, const T* lam, T* lamT, T* g, int C, int Cp, int H, int W, int k, int pt, int pl) {
-    const ptrdiff_t plane = (ptrdiff_t)H * W;
+  // Every input channel for one tap and one output block: CB channels at a time while the
+  // register file allows, then the rest in smaller groups.
+  template <int NF, int NH, int NQ>
+  static INVCONV_INLINE void tap_block(const T* x, const T* lamT, T* g, int C, int Cp, int Hh, int W, int a, int b,
+                                       int pt, int pl, int o0) {
+    constexpr int kVecs = NF + NH + NQ;
+    constexpr int CB = Ops::kAccRegs / kVecs >= 12 ? 12 : (Ops::kAccRegs / kVecs >= 8 ? 8 : (Ops::kAccRegs / kVecs >= 6 ? 6 : 4));
+    int c0 = 0;
+    for (; c0 + CB <= C; c0 += CB) block<NF, NH, NQ, CB>(x, lamT, g, Cp, Hh, W, a, b, pt, pl, c0, o0);
+    for (; c0 + 4 <= C; c0 += 4) block<NF, NH, NQ, 4>(x, lamT, g, Cp, Hh, W, a, b, pt, pl, c0, o0);
+    for (; c0 + 2 <= C; c0 += 2) block<NF, NH, NQ, 2>(x, lamT, g, Cp, Hh, W, a, b, pt, pl, c0, o0);
+    for (; c0 < C; ++c0) block<NF, NH, NQ, 1>(x, lamT, g, Cp, Hh, W, a, b, pt, pl, c0, o0);
+  }
+
+  // lam of one image channels last into lamT ((H*W) × Cp; the padded lanes stay zero).
+  static void transpose(const T* lam, T* lamT, int C, int Cp, int Hh, int W) {
+    const ptrdiff_t plane = (ptrdiff_t)Hh * W;
     for (int o = 0; o < C; ++o)
       for (ptrdiff_t p = 0; p < plane; ++p) lamT[p * Cp + o] = lam[o * plane + p];
-    for (int a = 0; a < k; ++a)
-      for (int b = 0; b < k; ++b) {
-        T* gt = g + (ptrdiff_t)(a * k + b) * C * Cp;
-        int o0 = 0;
-        for (; o0 + 2 * V <= Cp; o0 += 2 * V) {
-          int c0 = 0;
-          for (; c0 + 6 <= C; c0 += 6) block<2, 6>(x, lamT, gt, C, Cp, H, W, a, b, pt, pl, c0, o0);
-          for (; c0 < C; ++c0) block<2, 1>(x, lamT, gt, C, Cp, H, W, a, b, pt, pl, c0, o0);
-        }
-        for (; o0 < Cp; o0 += V) {
-          int c0 = 0;
-          for (; c0 + 12 <= C; c0 += 12) block<1, 12>(x, lamT, gt, C, Cp, H, W, a, b, pt, pl, c0, o0);
-          for (; c0 < C; ++c0) block<1, 1>(x, lamT, gt, C, Cp, H, W, a, b, pt, pl, c0, o0);
-        }
-      }
   }
+
+  // Taps [t0, t1) of one image, lam already transposed.
+  static void taps(const T* x, const T* lamT, T* g, int C, int Cp, int Hh, int W, int k, int pt, int pl, int t0,
+                   int t1) {
+    for (int t = t0; t < t1; ++t) {
+      const int a = t / k, b = t % k;
+      T* gt = g + (ptrdiff_t)t * C * Cp;
+      for_each_oblock<Ops>(Cp, [&](auto blk, int o0) {
+        using B = decltype(blk);
+        tap_block<B::kVecsF, B::kVecsH, B::kVecsQ>(x, lamT, gt, C, Cp, Hh, W, a, b, pt, pl, o0);
+      });
+    }
+  }
+
+  static void image(const T* x, const T* lam, T* lamT, T* g, int C, int Cp, int Hh, int W, int k, int pt, int pl) {
+    transpose(lam, lamT, C, Cp, Hh, W);
+    taps(x, lamT, g, C, Cp, Hh, W, k, pt, pl, 0, k * k);
+  }
+};
+
+// Multiply-add throughput of one thread at the full vector width, in FLOP/s: 12 independent
+// chains (enough to cover the FMA latency on every core we know), best of `reps`
+// short runs (a short run is more likely to go uninterrupted on a busy machine).
+// `python -m bench kernels` uses it for the arithmetic floor it prints beside each time.
+template <class Ops>
+struct Peak {
+  using T = typename Ops::T;
+  using F = typename Ops::F;
+  static double flops_per_second(int64_t iters, int reps) {
+    constexpr int A = 12;  // 12 chains cover 4-cycle latency × 2 pipes; more made GCC keep them in memory
+    const T mv = T(0.999999), av = T(1e-6);
+    const typename F::vec m = F::bcast(&mv), a = F::bcast(&av);
+    double best = 0;
+    for (int r = 0; r < reps; ++r) {
+      // Distinct starting values the compiler cannot see: identical chains would be merged into one.
+      typename F::vec acc[A];
+      for (int i = 0; i < A; ++i) {
+        volatile T start = T(i) * T(1e-3);
+        const T v = start;
+        acc[i] = F::bcast(&v);
+      }
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int64_t it = 0; it < iters; ++it)
+        for (int i = 0; i < A; ++i) acc[i] = F::fmadd(acc[i], m, a);
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      T sink[F::N];
+      typename F::vec sum = acc[0];
+      for (int i = 1; i < A; ++i) sum = F::add(sum, acc[i]);
+      F::store(sink, sum);
+      volatile T keep = sink[0];
+      (void)keep;
+      if (s > 0) best = std::max(best, 2.0 * F::N * A * (double)iters / s);
+    }
+    return best;
+  }
+};
+
+// The kernels of this SIMD target for one element type, as one type the dispatcher passes on.
+template <class Ops>
+struct Kit {
+  using O = Ops;
+  using RS = RowSolver<Ops>;
+  using WG = WeightGrad<Ops>;
+  using PK = Peak<Ops>;
 };

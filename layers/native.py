@@ -20,8 +20,9 @@ Which solver a tensor gets is decided by :func:`kernels_for`, used by
 
 Environment:
     INVCONV_SOLVER: ``auto`` | ``torch`` | ``native``.
-    INVCONV_CPU_ISA: ``auto`` | ``avx2`` | ``generic`` — the CPU kernel's SIMD path (for testing
-        the portable fallback; ``auto`` takes AVX2+FMA where the CPU has it).
+    INVCONV_CPU_ISA: ``auto`` | ``avx512`` | ``avx2`` | ``generic`` — the CPU kernel's SIMD path
+        (for testing each path; ``auto`` takes the widest the CPU has: AVX-512, else AVX2+FMA,
+        else the portable one; forcing one the CPU lacks is an error).
     INVCONV_NATIVE_CACHE: build folder (default ``$XDG_CACHE_HOME/invconv-bench/native``, i.e.
         ``~/.cache/invconv-bench/native``; shared by every checkout, keyed by the sources).
 """
@@ -59,7 +60,7 @@ __all__ = [
 SOLVER_ENV = "INVCONV_SOLVER"
 SOLVER_MODES = ("auto", "torch", "native")
 CPU_ISA_ENV = "INVCONV_CPU_ISA"
-_CPU_ISAS = {"auto": 0, "generic": 1, "avx2": 2}
+_CPU_ISAS = {"auto": 0, "generic": 1, "avx2": 2, "avx512": 3}
 CACHE_ENV = "INVCONV_NATIVE_CACHE"
 
 _CPU_SOURCES = ("solve_cpu.cpp",)
@@ -261,11 +262,13 @@ def load(device_type: str = "cpu") -> BuildStatus:
 
 
 def cpu_isa() -> str:
-    """SIMD path the CPU kernel takes here (``avx2+fma`` or ``generic``); builds on first use."""
+    """SIMD path the CPU kernel takes here (``avx512``, ``avx2+fma`` or ``generic``, after
+    ``INVCONV_CPU_ISA``); builds on first use."""
     status = load("cpu")
     if not status.available:
         raise NativeUnavailableError(f"native CPU solver unavailable: {status.reason}")
-    return "generic" if _cpu_isa_code() == 1 else torch.ops.invconv_cpu.isa()
+    code = _cpu_isa_code()
+    return {1: "generic", 2: "avx2+fma", 3: "avx512"}.get(code) or torch.ops.invconv_cpu.isa()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,18 +35,67 @@ def test_kernels_command_smoke(tmp_path):
     assert [r["shape"]["batch"] for r in record["results"]] == [1, 2]
     ops = record["results"][0]["measurements"]
     assert set(ops) == {"native solve", "native solve+backward", "torch solve", "torch solve+backward", "conv2d",
-                        "conv2d+wgrad"}
+                        "conv2d+wgrad", "inverse-flow forward"}  # no 1-thread op: --threads 1
     assert all(m["n"] >= 3 and len(m["samples_s"]) == m["n"] for m in ops.values())
     ratios = record["results"][0]["ratios"]
     assert ratios["solve / conv2d"] == pytest.approx(ops["native solve"]["median_s"] / ops["conv2d"]["median_s"])
     env = record["environment"]
     assert env["torch_threads"] == 1 and env["solver"]["cpu"]["solver"] == "native-cpu"
     table = res.stdout
-    assert "| native solve " in table and "solve / conv2d" in table and "**Batch sweep (medians)**" in table
+    assert "| native solve " in table and "solve / conv2d" in table and "**Sweep (medians" in table
     assert out.with_suffix(".md").read_text().strip() == table.strip()
+    # The arithmetic floor: measured clock and peak, the floor of each op from its FLOP.
+    peak = env["peak"]
+    assert peak["estimate"] is True and peak["isa"] == env["cpu_isa"]
+    assert peak["measured_flops_per_thread"] > 0 and peak["flops_per_thread"] > 0
+    floors = record["results"][0]["floors_s"]
+    flop = 2 * 1 * 6 * 5 * 4**2 * 2**2  # one convolution of B=1, C=4, 6×5, k=2
+    assert floors["native solve"] == pytest.approx(flop / peak["flops_per_thread"])
+    assert floors["native solve+backward"] == pytest.approx(3 * floors["native solve"])
+    assert floors["conv2d+wgrad"] == pytest.approx(2 * floors["conv2d"])
+    assert "arithmetic floor (an estimate)" in table and "floor (est.)" in table
+    assert len(env["load_average"]) == 3
 
 
-def test_kernels_command_rejects_bad_batch():
-    res = subprocess.run([sys.executable, "-m", "bench", "kernels", "-B", "x"], capture_output=True, text=True,
-                         cwd=ROOT)
-    assert res.returncode == 2 and "expected an integer" in res.stderr
+@pytest.mark.skipif(shutil.which("c++") is None, reason="needs the native CPU build")
+def test_kernels_command_sweeps_channels_and_kernel_sizes(tmp_path):
+    """-C and -k lists: every combination, one row each in the sweep table with its ratios; with
+    two threads the one-thread solve is timed too and its speed-up ratio reported."""
+    out = tmp_path / "k.json"
+    cmd = [sys.executable, "-m", "bench", "kernels", "-B", "1", "-C", "3,5", "-k", "1,3", "-H", "4",
+           "--threads", "2", "--min-calls", "2", "--min-time", "0.005", "--rounds", "1", "--no-reference",
+           "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    record = json.loads(out.read_text())
+    shapes = [(r["shape"]["channels"], r["shape"]["kernel_size"]) for r in record["results"]]
+    assert shapes == [(3, 1), (3, 3), (5, 1), (5, 3)]
+    for r in record["results"]:
+        ops = r["measurements"]
+        assert "native solve, 1 thread" in ops and "torch solve" not in ops
+        assert r["ratios"]["solve 1 thread / solve (thread speed-up)"] == pytest.approx(
+            ops["native solve, 1 thread"]["median_s"] / ops["native solve"]["median_s"])
+        assert r["floors_s"]["native solve, 1 thread"] == pytest.approx(2 * r["floors_s"]["native solve"])
+    sweep = res.stdout.split("**Sweep (medians")[1]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in sweep.splitlines()
+            if line.startswith("|") and "×" in line]
+    assert [(row[1], row[2]) for row in rows] == [("3", "1"), ("3", "3"), ("5", "1"), ("5", "3")]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-B", "x"], "--batch 'x': expected an integer or a comma-separated list of batch sizes (positive integers)"),
+    (["-B", "0"], "--batch '0': batch sizes must be positive integers (>= 1), got 0"),
+    (["-B", "-3"], "--batch '-3': batch sizes must be positive integers (>= 1), got -3"),
+    (["-B", "2,0"], "--batch '2,0': batch sizes must be positive integers (>= 1), got 0"),
+    (["-C", "0"], "--channels '0': channel counts must be positive integers (>= 1), got 0"),
+    (["-k", "0"], "--kernel-size '0': kernel sizes must be positive integers (>= 1), got 0"),
+    (["-k", "3,x"], "--kernel-size '3,x': expected an integer or a comma-separated list of kernel sizes"),
+    (["--threads", "0"], "--threads 0: must be a positive integer (>= 1)"),
+    (["-H", "0"], "--height/--width 0/None: must be positive integers (>= 1)"),
+])
+def test_kernels_command_rejects_bad_arguments(args, message):
+    """One line naming the flag and the accepted values, exit status 2, no traceback."""
+    res = subprocess.run([sys.executable, "-m", "bench", "kernels", *args], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1

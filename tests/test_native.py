@@ -42,11 +42,25 @@ def cpu_kernels():
     return native.kernels_for("cpu", torch.float64)
 
 
+#: Every SIMD path of the CPU kernel, narrowest first (INVCONV_CPU_ISA names).
+ALL_ISAS = ("generic", "avx2", "avx512")
+_SUPPORTED_NAMES = {"generic": "generic", "avx2+fma": "avx2", "avx512": "avx512"}
+
+
 def _isas():
-    """Every CPU SIMD path this machine can run: the portable one always, AVX2+FMA where present."""
+    """Every CPU SIMD path this machine can run: the portable one always, AVX2+FMA and AVX-512
+    where the CPU has them (the tests for the others are skipped with the reason, see isa)."""
     if not HAS_CXX or not native.load("cpu").available:
         return ["auto"]
-    return ["generic"] + (["avx2"] if torch.ops.invconv_cpu.isa() == "avx2+fma" else [])
+    return [_SUPPORTED_NAMES[name] for name in torch.ops.invconv_cpu.supported_isas()]
+
+
+@pytest.fixture(params=ALL_ISAS)
+def isa(request, cpu_kernels):
+    """One SIMD path per test instance; skipped (with the reason) where this CPU lacks it."""
+    if request.param not in _isas():
+        pytest.skip(f"this CPU has no {request.param} (supported here: {', '.join(_isas())})")
+    return request.param
 
 
 def _cpu(y, w, orientation, unit, adjoint=False, isa="auto"):
@@ -55,46 +69,40 @@ def _cpu(y, w, orientation, unit, adjoint=False, isa="auto"):
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 7])
-@pytest.mark.parametrize("c", [1, 3, 4, 12, 48])
+@pytest.mark.parametrize("c", [1, 3, 12, 28, 48])  # output blocks: quarter; half+quarter; 1+1+1 / 3 full
 @pytest.mark.parametrize("unit", [True, False], ids=["unit", "general"])
 @pytest.mark.parametrize("orientation", ORIENTATIONS)
-def test_cpu_solve_matches_reference(cpu_kernels, orientation, unit, c, k):
-    """Solve and adjoint solve, both SIMD paths, B in {1, 3}, non-square images (one smaller than k)."""
+def test_cpu_solve_matches_reference(isa, orientation, unit, c, k):
+    """Solve and adjoint solve, each SIMD path, B in {1, 3}, non-square images (one smaller than k)."""
     for b, (h, w) in [(1, (5, 8)), (3, (6, 3))]:
         weight = random_causal_weight(c, k, orientation, unit, scale=0.3 / max(1.0, c**0.5 * k / 3))
         y = torch.randn(b, c, h, w, dtype=torch.float64)
         ref = solve_reference(y, weight, orientation, unit)
         ref_adj = adjoint_reference(y, weight, orientation, unit)
-        for isa in _isas():
-            torch.testing.assert_close(_cpu(y, weight, orientation, unit, False, isa), ref, rtol=1e-10, atol=1e-10)
-            torch.testing.assert_close(_cpu(y, weight, orientation, unit, True, isa), ref_adj, rtol=1e-10, atol=1e-10)
-            x32 = _cpu(y.float(), weight.float(), orientation, unit, False, isa)
-            torch.testing.assert_close(x32, ref.float(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(_cpu(y, weight, orientation, unit, False, isa), ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(_cpu(y, weight, orientation, unit, True, isa), ref_adj, rtol=1e-10, atol=1e-10)
+        x32 = _cpu(y.float(), weight.float(), orientation, unit, False, isa)
+        torch.testing.assert_close(x32, ref.float(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("unit", [True, False], ids=["unit", "general"])
 @pytest.mark.parametrize("orientation", ORIENTATIONS)
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_cpu_solve_matches_dense_solve(cpu_kernels, k, orientation, unit):
+def test_cpu_solve_matches_dense_solve(isa, k, orientation, unit):
     b, c, h, w = 2, 4, 4, 5
     weight = random_causal_weight(c, k, orientation, unit)
     y = torch.randn(b, c, h, w, dtype=torch.float64)
     t = dense_conv_matrix(weight, orientation, h, w)
     expected = torch.linalg.solve(t, y.reshape(b, -1).t()).t().reshape(y.shape)
     expected_adj = torch.linalg.solve(t.t(), y.reshape(b, -1).t()).t().reshape(y.shape)
-    for isa in _isas():
-        x = _cpu(y, weight, orientation, unit, False, isa)
-        torch.testing.assert_close(x, expected, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(causal_conv2d(x, weight, orientation), y, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(_cpu(y, weight, orientation, unit, True, isa), expected_adj, rtol=1e-10,
-                                   atol=1e-10)
+    x = _cpu(y, weight, orientation, unit, False, isa)
+    torch.testing.assert_close(x, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(causal_conv2d(x, weight, orientation), y, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(_cpu(y, weight, orientation, unit, True, isa), expected_adj, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2"])
-def test_cpu_solve_larger_image_and_odd_layouts(cpu_kernels, isa):
+def test_cpu_solve_larger_image_and_odd_layouts(isa):
     """Rows longer than the register blocks, many rows through the ring, non-contiguous input."""
-    if isa not in _isas():
-        pytest.skip("this CPU has no AVX2+FMA")
     weight = random_causal_weight(12, 3, "BL", unit=False, scale=0.05)
     y = torch.randn(2, 40, 12, 37, dtype=torch.float64).transpose(1, 2)  # (2, 12, 40, 37), strided
     ref = solve_reference(y.contiguous(), weight, "BL", False)
@@ -102,41 +110,110 @@ def test_cpu_solve_larger_image_and_odd_layouts(cpu_kernels, isa):
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
-@pytest.mark.parametrize("c", [1, 3, 12, 48])
+@pytest.mark.parametrize("c", [1, 5, 12, 16, 24, 48])
 @pytest.mark.parametrize("orientation", ORIENTATIONS)
-def test_cpu_weight_grad_matches_convolution_weight_grad(cpu_kernels, orientation, c, k):
-    """The native backward's weight gradient against oneDNN's, both SIMD paths, B in {1, 3}."""
+def test_cpu_weight_grad_matches_convolution_weight_grad(isa, orientation, c, k):
+    """The native backward's weight gradient against oneDNN's, each SIMD path, B in {1, 3}."""
     for shape in [(1, c, 4, 9), (3, c, 6, 5)]:
         x = torch.randn(shape, dtype=torch.float64)
         lam = torch.randn(shape, dtype=torch.float64)
         ref = causal.conv_weight_grad(x, lam, k, orientation)
-        for isa in _isas():
-            code = native._CPU_ISAS[isa]
-            got = torch.ops.invconv_cpu.weight_grad(x, lam, k, native.ORIENTATION_CODES[orientation], code)
-            torch.testing.assert_close(got, ref, rtol=1e-11, atol=1e-11)
-            got32 = torch.ops.invconv_cpu.weight_grad(x.float(), lam.float(), k, native.ORIENTATION_CODES[orientation],
-                                                      code)
-            torch.testing.assert_close(got32, ref.float(), rtol=1e-4, atol=1e-4)
+        code = native._CPU_ISAS[isa]
+        got = torch.ops.invconv_cpu.weight_grad(x, lam, k, native.ORIENTATION_CODES[orientation], code)
+        torch.testing.assert_close(got, ref, rtol=1e-11, atol=1e-11)
+        got32 = torch.ops.invconv_cpu.weight_grad(x.float(), lam.float(), k, native.ORIENTATION_CODES[orientation],
+                                                  code)
+        torch.testing.assert_close(got32, ref.float(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("orientation", ORIENTATIONS)
-def test_cpu_fused_backward_matches_adjoint_and_weight_grad(cpu_kernels, orientation):
+def test_cpu_fused_backward_matches_adjoint_and_weight_grad(isa, orientation):
     """solve_backward (adjoint solve + weight gradient in one pass) against the reference pieces."""
     weight = random_causal_weight(5, 3, orientation, unit=False)
     x = torch.randn(3, 5, 6, 7, dtype=torch.float64)
     g = torch.randn_like(x)
     lam_ref = adjoint_reference(g, weight, orientation, False)
     gw_ref = -causal.conv_weight_grad(x, lam_ref, 3, orientation)
-    for isa in _isas():
-        code = native._CPU_ISAS[isa]
-        lam, gw = torch.ops.invconv_cpu.solve_backward(g, weight, x, native.ORIENTATION_CODES[orientation], False, True,
-                                                       code)
-        torch.testing.assert_close(lam, lam_ref, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(gw, gw_ref, rtol=1e-10, atol=1e-10)
-        lam, gw = torch.ops.invconv_cpu.solve_backward(g, weight, x, native.ORIENTATION_CODES[orientation], False,
-                                                       False, code)
-        torch.testing.assert_close(lam, lam_ref, rtol=1e-10, atol=1e-10)
-        assert gw is None
+    code = native._CPU_ISAS[isa]
+    lam, gw = torch.ops.invconv_cpu.solve_backward(g, weight, x, native.ORIENTATION_CODES[orientation], False, True,
+                                                   code)
+    torch.testing.assert_close(lam, lam_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-10, atol=1e-10)
+    lam, gw = torch.ops.invconv_cpu.solve_backward(g, weight, x, native.ORIENTATION_CODES[orientation], False, False,
+                                                   code)
+    torch.testing.assert_close(lam, lam_ref, rtol=1e-10, atol=1e-10)
+    assert gw is None
+
+
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+@pytest.mark.parametrize("c,k,b", [(12, 3, 1), (3, 5, 1), (24, 2, 1), (12, 3, 2)])
+def test_cpu_strip_split_inside_an_image(isa, orientation, c, k, b):
+    """Fewer images than threads: column strips of one image on several threads (solve, adjoint,
+    backward and weight gradient) give the single-thread results exactly, and match the reference."""
+    weight = random_causal_weight(c, k, orientation, unit=False, scale=0.3 / max(1.0, c**0.5 * k / 3))
+    y = torch.randn(b, c, 24, 40, dtype=torch.float64)
+    g = torch.randn_like(y)
+    code, o = native._CPU_ISAS[isa], native.ORIENTATION_CODES[orientation]
+    ops = torch.ops.invconv_cpu
+
+    def run():
+        return (ops.solve(y, weight, o, False, False, code), ops.solve(y.float(), weight.float(), o, False, False, code),
+                ops.solve(y, weight, o, False, True, code), *ops.solve_backward(g, weight, y, o, False, True, code),
+                ops.weight_grad(y, g, k, o, code))
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run()
+        results = {}
+        for n in (2, 3, 4):
+            torch.set_num_threads(n)
+            results[n] = run()
+    finally:
+        torch.set_num_threads(threads)
+    for n, split in results.items():
+        for i, (got, want) in enumerate(zip(split[:4], single[:4])):
+            assert torch.equal(got, want), f"{n} threads, result {i} differs from one thread"
+        for got, want in zip(split[4:], single[4:]):  # weight gradients: summed over images in another order
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(single[0], solve_reference(y, weight, orientation, False), rtol=1e-10, atol=1e-10)
+    lam_ref = adjoint_reference(g, weight, orientation, False)
+    torch.testing.assert_close(single[3], lam_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(results[2][4], -causal.conv_weight_grad(y, lam_ref, k, orientation), rtol=1e-9,
+                               atol=1e-9)
+
+
+def test_cpu_isa_list_and_forcing(cpu_kernels):
+    """The ISA list is what the CPU has, auto is the widest of it, and forcing a missing one fails."""
+    supported = [_SUPPORTED_NAMES[n] for n in torch.ops.invconv_cpu.supported_isas()]
+    assert supported[0] == "generic" and supported == [i for i in ALL_ISAS if i in supported]
+    assert _SUPPORTED_NAMES[torch.ops.invconv_cpu.isa()] == supported[-1]
+    y = torch.randn(1, 3, 4, 4)
+    w = random_causal_weight(3, 2, "TL", unit=True).float()
+    for name in ALL_ISAS:
+        if name not in supported:
+            with pytest.raises(RuntimeError, match=f"isa={name} requested but this CPU"):
+                _cpu(y, w, "TL", True, False, name)
+    with pytest.raises(RuntimeError, match=r"isa must be 0 \(auto\), 1 \(generic\), 2 \(avx2\) or 3 \(avx512\)"):
+        torch.ops.invconv_cpu.solve(y, w, 0, True, False, 7)
+
+
+def test_cpu_isa_env(monkeypatch, cpu_kernels):
+    for name in _isas():
+        monkeypatch.setenv(native.CPU_ISA_ENV, name)
+        assert _SUPPORTED_NAMES[native.cpu_isa()] == name
+    monkeypatch.setenv(native.CPU_ISA_ENV, "sse9")
+    with pytest.raises(ValueError, match="accepted values: auto, generic, avx2, avx512"):
+        native.cpu_isa()
+
+
+def test_cpu_clock_and_peak_probes(cpu_kernels):
+    """The probes behind the arithmetic floor of `bench kernels` give plausible numbers."""
+    ghz = torch.ops.invconv_cpu.clock_ghz(3)
+    assert ghz == 0.0 or 0.3 < ghz < 8.0
+    for name in _isas():
+        flops = torch.ops.invconv_cpu.peak_flops(native._CPU_ISAS[name], False, 2)
+        assert 1e8 < flops < 1e12
 
 
 def test_cpu_solve_rejects_bad_arguments(cpu_kernels):
@@ -155,8 +232,10 @@ def test_cpu_solve_rejects_bad_arguments(cpu_kernels):
 
 
 @pytest.fixture
-def native_mode(monkeypatch, cpu_kernels):
+def native_mode(monkeypatch, cpu_kernels, isa):
+    """INVCONV_SOLVER=native, under each SIMD path (INVCONV_CPU_ISA) the CPU has."""
     monkeypatch.setenv(native.SOLVER_ENV, "native")
+    monkeypatch.setenv(native.CPU_ISA_ENV, isa)
     return cpu_kernels
 
 
@@ -193,7 +272,7 @@ def test_native_gradcheck(native_mode, orientation, unit):
 
 
 @pytest.mark.parametrize("name", ["inverse-flow", "finc"])
-def test_layers_native_equals_torch_float32(monkeypatch, cpu_kernels, name):
+def test_layers_native_equals_torch_float32(monkeypatch, isa, name):
     """INVCONV_SOLVER=native gives the same results as =torch through the layers, in both
     directions and in the gradients of a training step."""
     torch.manual_seed(1)
@@ -202,6 +281,7 @@ def test_layers_native_equals_torch_float32(monkeypatch, cpu_kernels, name):
         for p in layer.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     x = torch.randn(3, 12, 10, 7)
+    monkeypatch.setenv(native.CPU_ISA_ENV, isa)
     results = {}
     for mode in ("torch", "native"):
         monkeypatch.setenv(native.SOLVER_ENV, mode)
@@ -443,7 +523,7 @@ def _cuda(y, w, orientation, unit, adjoint=False, max_rows=0, ring=False):
 
 @cuda_only
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 7])
-@pytest.mark.parametrize("c", [1, 3, 4, 12, 48])
+@pytest.mark.parametrize("c", [1, 3, 12, 28, 48])  # output blocks: quarter; half+quarter; 1+1+1 / 3 full
 @pytest.mark.parametrize("unit", [True, False], ids=["unit", "general"])
 @pytest.mark.parametrize("orientation", ORIENTATIONS)
 def test_cuda_solve_matches_reference(cuda_kernels, orientation, unit, c, k):
