@@ -27,7 +27,7 @@
 //   s+1 loads its halo column by column after an acquire-load of that flag. Blocks take strips
 //   from an atomic ticket in dependency order (all images' strip 0 first, then strip 1, ...),
 //   so a block only ever waits for a block that is already running: no deadlock whatever the
-//   residency. Wide images keep only a ring of Wr >= R + k - 1 columns in shared memory,
+//   residency. Wide images keep only a ring of Wr = R + max(k - 1, 1) columns in shared memory,
 //   loading y and evicting x one column per step.
 
 #include "solve_cuda.h"
@@ -448,8 +448,13 @@ extern "C" const char* invconv_cuda_plan(int dtype, int B, int C, int H, int W, 
     const int R = (H + S - 1) / S;  // balanced strips
     if (S > 1 && R < k - 1) break;  // a strip's halo must come from the strip just above
     for (int ring = force_ring ? 1 : 0; ring <= 1; ++ring) {
+      // The ring must hold the k-1 columns a diagonal reads to its left and, besides the columns
+      // it writes, the column committed during the same step: R + k - 1 slots, and at least R + 1.
+      // With k = 1 and R slots, the slot committed at step e (column e+1, evicting e+1-R) is the
+      // one the diagonal's bottom pixel writes (column e+1-R) in the same barrier window.
       int Wr = W + k - 1;
-      if (ring && R + k - 1 < Wr) Wr = R + k - 1;
+      const int ring_cols = R + (k > 1 ? k - 1 : 1);
+      if (ring && ring_cols < Wr) Wr = ring_cols;
       int pitch = Wr * C;
       if (((pitch - C) & 1) == 0) pitch += 1;  // odd stride between the pixels of a diagonal
       int NS = kThreads / (R * n_ob);
