@@ -484,6 +484,37 @@ def test_cuda_planner_reports_shapes_that_do_not_fit(cuda_emulator, tmp_path):
         _emulate(cuda_emulator, tmp_path, y, weight, "TL", True, False, smem_limit=8000)
 
 
+def test_cuda_kernel_attribute_is_set_once(cuda_emulator, tmp_path, monkeypatch):
+    """cudaFuncSetAttribute runs once per device and kernel instantiation, not per solve (two host
+    threads could otherwise interleave it with each other's launches)."""
+    weight = random_causal_weight(4, 3, "TL", True)
+    y = torch.randn(1, 4, 8, 20, dtype=torch.float64)
+    monkeypatch.setenv("EMU_REPEAT", "3")
+    x, plan = _emulate(cuda_emulator, tmp_path, y, weight, "TL", True, False, 4, True)
+    assert plan["attribute_calls"] == 1
+    torch.testing.assert_close(x, solve_reference(y, weight, "TL", True), rtol=1e-10, atol=1e-10)
+
+
+def test_cuda_errors_carry_cuda_text_and_clear_the_error_state(cuda_emulator, tmp_path, monkeypatch):
+    weight = random_causal_weight(4, 3, "TL", True)
+    y = torch.randn(1, 4, 8, 20, dtype=torch.float64)
+    monkeypatch.setenv("EMU_FAIL_ATTRIBUTE", "1")
+    with pytest.raises(AssertionError) as info:
+        _emulate(cuda_emulator, tmp_path, y, weight, "TL", True, False)
+    text = str(info.value)
+    assert "invconv_cuda: cannot reserve the planned shared memory: cudaErrorInvalidValue: invalid argument" in text
+    assert "error state afterwards: cudaSuccess" in text
+
+
+def test_cuda_planner_counts_the_fold_kernels_shared_memory(cuda_emulator, tmp_path):
+    """The fold kernel holds the C×C inverse of the centre block in shared memory: a C too large
+    for it is a planning error (so INVCONV_SOLVER=auto falls back), not a failed launch."""
+    weight = random_causal_weight(40, 1, "TL", True)
+    y = torch.randn(1, 40, 2, 2, dtype=torch.float64)
+    with pytest.raises(AssertionError, match="too many channels for the centre block's inverse"):
+        _emulate(cuda_emulator, tmp_path, y, weight, "TL", True, False, smem_limit=40 * 40 * 8 + 200)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_cuda_sources_compile_with_nvcc(tmp_path):
     """The kernels compile (no GPU needed), so a syntax error in the .cu cannot land unseen."""
