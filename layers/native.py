@@ -53,6 +53,7 @@ __all__ = [
     "cuda_plan_error",
     "describe",
     "differentiable_solve",
+    "fallbacks",
     "kernels_for",
     "load",
     "requested_mode",
@@ -334,8 +335,9 @@ def _register_fake_kernels(device_type: str) -> None:
     _fakes_registered.add(device_type)
 
 
-# Shapes whose CUDA plan does not fit in shared memory, per device and shape: the reason, once.
-_cuda_fallbacks: dict[tuple, str] = {}
+# Shapes the native solve cannot run (a CUDA plan that does not fit in shared memory), per device
+# and shape: the reason, recorded once and reported by solver_status.
+_fallbacks: dict[tuple, str] = {}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -349,32 +351,57 @@ def cuda_plan_error(device_index: int, dtype: torch.dtype, channels: int, height
     return err or None
 
 
+def _plan_error(y: torch.Tensor, kernel_size: int) -> str | None:
+    """Why the native solve of ``y``'s device cannot run this shape, or ``None``."""
+    if y.device.type != "cuda":
+        return None  # the CPU kernel has no shape limit
+    if torch.compiler.is_compiling():
+        # Under torch.compile the image size may be symbolic, which cannot be passed to the host
+        # planner while tracing: the compiled graph calls the op, and a shape that does not fit
+        # raises the planner's error (INVCONV_SOLVER=torch solves it).
+        return None
+    return cuda_plan_error(y.device.index or 0, y.dtype, y.shape[1], y.shape[2], y.shape[3], kernel_size)
+
+
+@torch.compiler.assume_constant_result
+def _native_backend(device_type: str, dtype: torch.dtype, mode: str) -> str:
+    """``device_type`` when its native op serves ``dtype``, else ``""``; raises under ``native``
+    when it cannot. torch.compile evaluates this once while tracing (it may build the library,
+    which tracing could not follow) and keeps the answer as a constant of the graph."""
+    return device_type if kernels_for(device_type, dtype, required=(mode == "native")) is not None else ""
+
+
 def differentiable_solve(y: torch.Tensor, kernel_size: int, mode: str):
     """The native differentiable solve op for tensors like ``y``, as ``(y, weight, orientation
     code, unit_diagonal) -> x``, or ``None`` where the reference must be used (``auto`` only;
     ``native`` raises :class:`NativeUnavailableError` with the reason instead).
 
-    Under ``auto`` the reference is also used for a CUDA shape whose plan does not fit in the
-    device's shared memory; the reason is recorded (see :func:`solver_status`) and warned once.
+    Under ``auto`` the reference is also used for a shape the native kernel cannot run (a CUDA
+    plan that does not fit in the device's shared memory); the reason is recorded (see
+    :func:`solver_status` and :func:`fallbacks`) and warned once per shape.
     """
-    device_type = y.device.type
-    if kernels_for(y.device, y.dtype, required=(mode == "native")) is None:
+    backend = _native_backend(y.device.type, y.dtype, mode)
+    if not backend:
         return None
-    if device_type == "cpu":
-        return _cpu_differentiable
-    _, _, height, width = y.shape
-    err = cuda_plan_error(y.device.index or 0, y.dtype, y.shape[1], height, width, kernel_size)
+    err = _plan_error(y, kernel_size)
     if err is None:
-        return torch.ops.invconv_cuda.causal_solve
-    what = f"C={y.shape[1]} {height}x{width} k={kernel_size} {str(y.dtype).replace('torch.', '')} on {y.device}"
+        return _cpu_differentiable if backend == "cpu" else torch.ops.invconv_cuda.causal_solve
+    what = (f"C={y.shape[1]} {y.shape[2]}x{y.shape[3]} k={kernel_size} {str(y.dtype).replace('torch.', '')} "
+            f"on {y.device}")
     if mode == "native":
-        raise NativeUnavailableError(f"{SOLVER_ENV}=native: the CUDA solve cannot run {what}: {err}")
-    key = (str(y.device), y.dtype, y.shape[1], height, width, kernel_size)
-    if key not in _cuda_fallbacks:
-        _cuda_fallbacks[key] = f"{what}: {err}"
+        raise NativeUnavailableError(f"{SOLVER_ENV}=native: the native solve cannot run {what}: {err}")
+    key = (str(y.device), y.dtype, y.shape[1], y.shape[2], y.shape[3], kernel_size)
+    if key not in _fallbacks:
+        _fallbacks[key] = f"{what}: {err}"
         warnings.warn(f"invconv: using the PyTorch reference solve for {what} ({err})", RuntimeWarning,
                       stacklevel=3)
     return None
+
+
+def fallbacks() -> list[str]:
+    """The shapes this process solved with the reference because the native kernel could not run
+    them (see :func:`differentiable_solve`), with the reasons."""
+    return list(_fallbacks.values())
 
 
 def _cpu_differentiable(y, weight, orientation, unit_diagonal):
@@ -428,26 +455,25 @@ def solver_status(build: bool = True) -> dict[str, dict[str, str]]:
             solver, reason = "unknown", "not built yet in this process (compiles on first use)"
         elif status.available:
             solver, reason = _KERNELS[device_type].name, status.reason
-            if device_type == "cuda":
-                fallback = _fallback_note(mode)
-                out[device_type] = {"solver": solver, "mode": mode, "reason": reason, "fallback": fallback}
-                continue
         elif mode == "native":
             solver, reason = "error", f"{SOLVER_ENV}=native but unavailable: {status.reason}"
         else:
             solver, reason = "torch", f"native unavailable: {status.reason}"
         out[device_type] = {"solver": solver, "mode": mode, "reason": reason}
+        fell_back = [why for key, why in _fallbacks.items() if key[0].split(":")[0] == device_type]
+        if status is not None and status.available and (device_type == "cuda" or fell_back):
+            out[device_type]["fallback"] = _fallback_note(mode, fell_back)
     return out
 
 
-def _fallback_note(mode: str) -> str:
-    """What happens to a CUDA shape whose plan does not fit, and which shapes did so here."""
+def _fallback_note(mode: str, fell_back: list[str]) -> str:
+    """What happens to a shape the native kernel cannot run, and which shapes did so here."""
     if mode == "native":
         note = "a shape whose plan does not fit in the GPU's shared memory is an error (INVCONV_SOLVER=native)"
     else:
         note = "a shape whose plan does not fit in the GPU's shared memory uses the PyTorch reference"
-    if _cuda_fallbacks:
-        note += "; in this process: " + "; ".join(_cuda_fallbacks.values())
+    if fell_back:
+        note += "; in this process: " + "; ".join(fell_back)
     return note
 
 
