@@ -26,6 +26,7 @@ COMMANDS = {
     "baseline": "baseline",
     "export": "export",
     "kernels": "kernels",
+    "gpu-check": "gpu_check",
 }
 
 

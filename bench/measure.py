@@ -612,5 +612,9 @@ def measure_cell(cell: Cell, policy: TimingPolicy, emit: Emit, *, seed: int = 0,
     except Exception as exc:  # noqa: BLE001
         final["recon_error"] = None
         final["recon_message"] = classify_exception(exc)[1]
+    from layers import native
+
+    if native.fallbacks():  # shapes the native solve could not run (e.g. too large for shared memory)
+        final["solver_fallback"] = native.fallbacks()
     final["wall_s"] = time.perf_counter() - t0
     emit(final)

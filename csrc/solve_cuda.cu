@@ -27,7 +27,7 @@
 //   s+1 loads its halo column by column after an acquire-load of that flag. Blocks take strips
 //   from an atomic ticket in dependency order (all images' strip 0 first, then strip 1, ...),
 //   so a block only ever waits for a block that is already running: no deadlock whatever the
-//   residency. Wide images keep only a ring of Wr >= R + k - 1 columns in shared memory,
+//   residency. Wide images keep only a ring of Wr = R + max(k - 1, 1) columns in shared memory,
 //   loading y and evicting x one column per step.
 
 #include "solve_cuda.h"
@@ -44,6 +44,9 @@
 #include <stdint.h>
 
 #include <algorithm>
+#include <atomic>
+#include <mutex>
+#include <string>
 #include <type_traits>
 
 namespace {
@@ -357,17 +360,59 @@ __global__ void __launch_bounds__(kThreads) solve_kernel(Geometry g, const T* __
 
 // Dynamic shared memory a block may use on the current device (the opt-in limit, less room for
 // the kernel's static __shared__ variables), cached per device.
-int device_smem_limit() {
-  static int cached[64] = {0};
+constexpr int kMaxDevices = 64;
+
+int current_device() {
   int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev >= 0 && dev < 64 && cached[dev] > 0) return cached[dev];
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    cudaGetLastError();  // leave no error state behind; device 0's limit is a safe guess
+    dev = 0;
+  }
+  return dev;
+}
+
+int device_smem_limit() {
+  static std::atomic<int> cached[kMaxDevices] = {};
+  const int dev = current_device();
+  const bool cacheable = dev >= 0 && dev < kMaxDevices;
+  if (cacheable) {
+    const int v = cached[dev].load(std::memory_order_relaxed);
+    if (v > 0) return v;
+  }
   int optin = 0;
-  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess || optin <= 0)
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess || optin <= 0) {
+    cudaGetLastError();
     optin = 48 * 1024;
+  }
   optin -= 256;
-  if (dev >= 0 && dev < 64) cached[dev] = optin;
+  if (cacheable) cached[dev].store(optin, std::memory_order_relaxed);
   return optin;
+}
+
+// "invconv_cuda: WHAT: cudaErrorX: CUDA's own text", after clearing the (non-sticky) error state so
+// that the next CUDA call in this thread does not report it again. Valid until the next error
+// in the same thread.
+const char* cuda_error(const char* what, cudaError_t err) {
+  cudaGetLastError();
+  thread_local std::string message;
+  message = std::string("invconv_cuda: ") + what + ": " + cudaGetErrorName(err) + ": " + cudaGetErrorString(err);
+  return message.c_str();
+}
+
+// Lets `Kernel` use the device's whole opt-in dynamic shared memory: once per device and kernel
+// instantiation (std::call_once, so two host threads never interleave it with a launch), not on
+// every call. Every plan stays within that limit, so one setting serves all of them.
+template <auto Kernel>
+cudaError_t allow_max_dynamic_smem() {
+  static std::once_flag once[kMaxDevices];
+  static cudaError_t result[kMaxDevices];
+  const int dev = current_device();
+  if (dev < 0 || dev >= kMaxDevices)
+    return cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, device_smem_limit());
+  std::call_once(once[dev], [dev] {
+    result[dev] = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, device_smem_limit());
+  });
+  return result[dev];
 }
 
 size_t align16(size_t n) { return (n + 15) / 16 * 16; }
@@ -383,28 +428,25 @@ const char* launch(const InvconvCudaPlan* p, const Geometry& g, const void* y, c
   if (g.S > 1) {
     flags = reinterpret_cast<int*>(ws + wf_bytes);
     ticket = flags + static_cast<size_t>(g.B) * g.S;
-    if (cudaMemsetAsync(flags, 0, (static_cast<size_t>(g.B) * g.S + 1) * sizeof(int), stream) != cudaSuccess)
-      return "invconv_cuda: cudaMemsetAsync of the progress flags failed";
+    const cudaError_t err = cudaMemsetAsync(flags, 0, (static_cast<size_t>(g.B) * g.S + 1) * sizeof(int), stream);
+    if (err != cudaSuccess) return cuda_error("cudaMemsetAsync of the progress flags failed", err);
   }
   const int64_t fold_items = static_cast<int64_t>(g.k) * g.k * g.C * g.Cop;
   const int fold_blocks = static_cast<int>(std::min<int64_t>(64, (fold_items + kThreads - 1) / kThreads));
   const size_t fold_smem = static_cast<size_t>(g.C) * g.C * sizeof(Acc);
-  auto fold = fold_kernel<T, Acc>;
-  if (fold_smem > 48 * 1024 &&
-      cudaFuncSetAttribute(fold, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(fold_smem)) !=
-          cudaSuccess)
-    return "invconv_cuda: too many channels for the fold kernel's shared memory";
+  constexpr auto fold = fold_kernel<T, Acc>;
+  cudaError_t err = fold_smem > 48 * 1024 ? allow_max_dynamic_smem<fold>() : cudaSuccess;
+  if (err != cudaSuccess) return cuda_error("cannot reserve the fold kernel's shared memory", err);
   INVCONV_LAUNCH(fold, fold_blocks, kThreads, fold_smem, stream, static_cast<const T*>(w), wf, g.C, g.k, g.Cop,
                  g.flip_h, g.flip_w, adjoint, unit);
-  if (cudaGetLastError() != cudaSuccess) return "invconv_cuda: fold kernel launch failed";
-  auto kernel = solve_kernel<T, Acc, OB>;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p->smem_bytes)) !=
-      cudaSuccess)
-    return "invconv_cuda: cannot reserve the planned shared memory";
+  if ((err = cudaGetLastError()) != cudaSuccess) return cuda_error("fold kernel launch failed", err);
+  constexpr auto kernel = solve_kernel<T, Acc, OB>;
+  if ((err = allow_max_dynamic_smem<kernel>()) != cudaSuccess)
+    return cuda_error("cannot reserve the planned shared memory", err);
   const unsigned blocks = static_cast<unsigned>(g.B) * static_cast<unsigned>(g.S);
   INVCONV_LAUNCH(kernel, blocks, kThreads, p->smem_bytes, stream, g, static_cast<const T*>(y), static_cast<T*>(x), wf,
                  flags, ticket);
-  if (cudaGetLastError() != cudaSuccess) return "invconv_cuda: solve kernel launch failed";
+  if ((err = cudaGetLastError()) != cudaSuccess) return cuda_error("solve kernel launch failed", err);
   return nullptr;
 }
 
@@ -438,6 +480,8 @@ extern "C" const char* invconv_cuda_plan(int dtype, int B, int C, int H, int W, 
       break;
     }
   const int n_ob = (C + ob - 1) / ob, Cop = n_ob * ob;
+  if (static_cast<size_t>(C) * C * acc > static_cast<size_t>(limit))  // the fold kernel's L⁻¹
+    return "invconv_cuda: this shape does not fit in shared memory (too many channels for the centre block's inverse)";
   const size_t wf_elems = static_cast<size_t>(k) * k * C * Cop;
   const bool w_in_smem = wf_elems * acc <= static_cast<size_t>(limit) / 3;
   const int RD = k * k * C;
@@ -448,8 +492,13 @@ extern "C" const char* invconv_cuda_plan(int dtype, int B, int C, int H, int W, 
     const int R = (H + S - 1) / S;  // balanced strips
     if (S > 1 && R < k - 1) break;  // a strip's halo must come from the strip just above
     for (int ring = force_ring ? 1 : 0; ring <= 1; ++ring) {
+      // The ring must hold the k-1 columns a diagonal reads to its left and, besides the columns
+      // it writes, the column committed during the same step: R + k - 1 slots, and at least R + 1.
+      // With k = 1 and R slots, the slot committed at step e (column e+1, evicting e+1-R) is the
+      // one the diagonal's bottom pixel writes (column e+1-R) in the same barrier window.
       int Wr = W + k - 1;
-      if (ring && R + k - 1 < Wr) Wr = R + k - 1;
+      const int ring_cols = R + (k > 1 ? k - 1 : 1);
+      if (ring && ring_cols < Wr) Wr = ring_cols;
       int pitch = Wr * C;
       if (((pitch - C) & 1) == 0) pitch += 1;  // odd stride between the pixels of a diagonal
       int NS = kThreads / (R * n_ob);

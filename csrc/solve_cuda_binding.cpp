@@ -1,11 +1,27 @@
-// torch binding of the CUDA solve (solve_cuda.cu through its C interface solve_cuda.h), registered
-// as torch.ops.invconv_cuda.solve. Built only where torch has CUDA and a GPU is visible.
+// torch binding of the CUDA solve (solve_cuda.cu through its C interface solve_cuda.h). Built only
+// where torch has CUDA and a GPU is visible. Operators:
+//   invconv_cuda::solve(y, weight, orientation, unit_diagonal, adjoint, max_rows, force_ring)
+//       the bare solve or adjoint solve, no autograd (max_rows / force_ring for tests);
+//   invconv_cuda::causal_solve(y, weight, orientation, unit_diagonal) -> x
+//       CUDA kernel + C++ autograd node (solve_autograd.h): the differentiable solve;
+//   invconv_cuda::causal_solve_backward(grad, weight, x, orientation, unit_diagonal,
+//                                       need_weight_grad) -> (λ, ∂L/∂W)
+//       the adjoint solve, then cuDNN's convolution weight gradient of x and −λ (∂L/∂W is an
+//       empty tensor when not needed);
+//   invconv_cuda::plan_error(device, dtype, C, H, W, k) -> str
+//       "" when the solve can run that shape on that device, else why not (layers/native.py
+//       falls back to the PyTorch reference under INVCONV_SOLVER=auto).
+// The fake kernels for torch.compile are registered from Python (layers/native.py).
 
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "solve_autograd.h"
 #include "solve_cuda.h"
 
 namespace {
@@ -39,8 +55,63 @@ at::Tensor solve(const at::Tensor& y_, const at::Tensor& weight_, int64_t orient
   at::Tensor workspace = at::empty({(int64_t)plan.workspace_bytes}, y.options().dtype(at::kByte));
   err = invconv_cuda_solve(&plan, y.data_ptr(), w.data_ptr(), x.data_ptr(), (int)orientation, unit_diagonal ? 1 : 0,
                            adjoint ? 1 : 0, workspace.data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == nullptr, err);
+  TORCH_CHECK(err == nullptr, err, " (shape ", y.sizes(), ", k=", w.size(2), ")");
   return x;
+}
+
+std::string plan_error(int64_t device, int64_t dtype, int64_t C, int64_t H, int64_t W, int64_t k) {
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  InvconvCudaPlan plan;
+  const char* err = invconv_cuda_plan((int)dtype, 1, (int)C, (int)H, (int)W, (int)k, 0, 0, &plan);
+  return err ? std::string(err) : std::string();
+}
+
+// ∂L/∂W of x = T⁻¹ y for λ = T⁻ᵀ g: −(the convolution weight gradient of input x, output grad λ),
+// through cuDNN on the causally padded x (as layers.causal.conv_weight_grad).
+at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& lam, const at::Tensor& weight, int64_t orientation) {
+  const int64_t p = weight.size(2) - 1;
+  const bool right = orientation & 1, bottom = orientation & 2;  // TL 0, TR 1, BL 2, BR 3
+  const at::Tensor xp = p > 0 ? at::constant_pad_nd(x, {right ? 0 : p, right ? p : 0, bottom ? 0 : p, bottom ? p : 0}, 0)
+                              : x;
+  auto grads = at::convolution_backward(lam, xp, weight, c10::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1,
+                                        {false, true, false});
+  return std::get<1>(grads).neg_();
+}
+
+at::Tensor kernel_causal_solve(const at::Tensor& y, const at::Tensor& weight, int64_t orientation, bool unit_diagonal) {
+  return solve(y, weight, orientation, unit_diagonal, false, 0, false);
+}
+
+std::tuple<at::Tensor, at::Tensor> kernel_causal_solve_backward(const at::Tensor& grad, const at::Tensor& weight,
+                                                                const at::Tensor& x, int64_t orientation,
+                                                                bool unit_diagonal, bool need_weight_grad) {
+  at::Tensor lam = solve(grad, weight, orientation, unit_diagonal, true, 0, false);
+  at::Tensor grad_w = need_weight_grad ? weight_grad(x, lam, weight, orientation) : at::empty({0}, weight.options());
+  return {lam, grad_w};
+}
+
+struct CudaOps {
+  static at::Tensor solve(const at::Tensor& y, const at::Tensor& weight, int64_t orientation, bool unit_diagonal,
+                          int64_t /*isa: CPU only*/) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("invconv_cuda::causal_solve", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool)>();
+    return op.call(y, weight, orientation, unit_diagonal);
+  }
+  static std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Tensor& weight,
+                                                     const at::Tensor& x, int64_t orientation, bool unit_diagonal,
+                                                     bool need_weight_grad, int64_t /*isa*/) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("invconv_cuda::causal_solve_backward", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                   const at::Tensor&, int64_t, bool, bool)>();
+    return op.call(grad, weight, x, orientation, unit_diagonal, need_weight_grad);
+  }
+};
+
+at::Tensor autograd_causal_solve(const at::Tensor& y, const at::Tensor& weight, int64_t orientation,
+                                 bool unit_diagonal) {
+  return invconv::CausalSolveFunction<CudaOps>::apply(y, weight, orientation, unit_diagonal, 0);
 }
 
 }  // namespace
@@ -50,4 +121,16 @@ TORCH_LIBRARY(invconv_cuda, m) {
       "solve(Tensor y, Tensor weight, int orientation, bool unit_diagonal, bool adjoint=False, int max_rows=0, "
       "bool force_ring=False) -> Tensor",
       &solve);
+  m.def("plan_error(int device, int dtype, int C, int H, int W, int k) -> str", &plan_error);
+  m.def("causal_solve(Tensor y, Tensor weight, int orientation, bool unit_diagonal) -> Tensor");
+  m.def(
+      "causal_solve_backward(Tensor grad, Tensor weight, Tensor x, int orientation, bool unit_diagonal, "
+      "bool need_weight_grad) -> (Tensor, Tensor)");
 }
+
+TORCH_LIBRARY_IMPL(invconv_cuda, CUDA, m) {
+  m.impl("causal_solve", &kernel_causal_solve);
+  m.impl("causal_solve_backward", &kernel_causal_solve_backward);
+}
+
+TORCH_LIBRARY_IMPL(invconv_cuda, Autograd, m) { m.impl("causal_solve", &autograd_causal_solve); }

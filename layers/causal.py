@@ -174,6 +174,13 @@ def solve(y: torch.Tensor, weight: torch.Tensor, orientation: str = "TL", *, uni
     _check_solve_args(y, weight, orientation)
     if not assume_triangular:
         _check_centre(weight, orientation, unit_diagonal)
+    mode = native.requested_mode()
+    if mode != "torch":
+        # The native kernels are registered operators with their autograd node in C++ (and fake
+        # kernels for torch.compile); the reference keeps the Python autograd.Function below.
+        op = native.differentiable_solve(y, weight.shape[-1], mode)
+        if op is not None:
+            return op(y, weight, native.ORIENTATION_CODES[orientation], unit_diagonal)
     return _CausalSolve.apply(y, weight, orientation, unit_diagonal)
 
 

@@ -30,12 +30,14 @@ Environment:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import shutil
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,7 +51,11 @@ __all__ = [
     "NativeKernels",
     "NativeUnavailableError",
     "cpu_isa",
+    "cuda_build_target",
+    "cuda_plan_error",
     "describe",
+    "differentiable_solve",
+    "fallbacks",
     "kernels_for",
     "load",
     "requested_mode",
@@ -63,10 +69,10 @@ CPU_ISA_ENV = "INVCONV_CPU_ISA"
 _CPU_ISAS = {"auto": 0, "generic": 1, "avx2": 2, "avx512": 3}
 CACHE_ENV = "INVCONV_NATIVE_CACHE"
 
-_CPU_SOURCES = ("solve_cpu.cpp",)
-_CPU_DEPENDS = ("solve_cpu_kernel.h",)
+_CPU_SOURCES = ("solve_cpu.cpp", "solve_ops_cpu.cpp")
+_CPU_DEPENDS = ("solve_cpu_kernel.h", "solve_autograd.h")
 _CUDA_SOURCES = ("solve_cuda.cu", "solve_cuda_binding.cpp")
-_CUDA_DEPENDS = ("solve_cuda.h",)
+_CUDA_DEPENDS = ("solve_cuda.h", "solve_autograd.h")
 _CPU_FLAGS = ["-O3", "-fopenmp", "-Wno-psabi"]  # OpenMP: at::parallel_for is header code (torch's libgomp is reused)
 _CUDA_FLAGS = ["-O3", "-lineinfo"]  # the C++ standard is left to cpp_extension
 
@@ -152,8 +158,10 @@ def _cache_root() -> Path:
     return base / "invconv-bench" / "native"
 
 
-def _build_dir(name: str, files: tuple[str, ...], flags: list[str]) -> Path:
-    """A folder keyed by the sources, the flags, torch and Python, so a stale build is never loaded."""
+def _build_dir(name: str, files: tuple[str, ...], flags: list[str], target: str = "") -> Path:
+    """A folder keyed by the sources, the flags, torch, Python and the build's target (for CUDA:
+    the GPUs' compute capabilities and ``TORCH_CUDA_ARCH_LIST``), so a stale build, or one made
+    for other GPUs on a shared (e.g. NFS) cache, is never loaded."""
     # Names and contents only, never the folder: a wheel installed elsewhere, a fresh clone and
     # the base worktree of `bench ab` share one build of identical sources.
     digest = hashlib.sha256()
@@ -161,15 +169,23 @@ def _build_dir(name: str, files: tuple[str, ...], flags: list[str]) -> Path:
         digest.update(f.encode())
         digest.update((source_dir() / f).read_bytes())
     digest.update(" ".join(flags).encode())
-    digest.update(f"{torch.__version__}|{torch.version.cuda}|{sys.version_info[:2]}".encode())
+    digest.update(f"{torch.__version__}|{torch.version.cuda}|{sys.version_info[:2]}|{target}".encode())
     return _cache_root() / f"{name}-{digest.hexdigest()[:16]}"
 
 
-def _compile(name: str, label: str, sources: tuple[str, ...], depends: tuple[str, ...], **kwargs) -> BuildStatus:
+def cuda_build_target() -> str:
+    """What a CUDA build is compiled for: the visible GPUs' compute capabilities (what
+    ``cpp_extension`` targets when ``TORCH_CUDA_ARCH_LIST`` is unset) and that variable."""
+    caps = sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    return f"sm={','.join(caps)}|TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '')}"
+
+
+def _compile(name: str, label: str, sources: tuple[str, ...], depends: tuple[str, ...], target: str = "",
+             **kwargs) -> BuildStatus:
     from torch.utils import cpp_extension
 
     flags = kwargs.get("extra_cflags", []) + kwargs.get("extra_cuda_cflags", [])
-    build_dir = _build_dir(name, sources + depends, flags)
+    build_dir = _build_dir(name, sources + depends, flags, target)
     build_dir.mkdir(parents=True, exist_ok=True)
     # Written once a build has loaded successfully; names the library. A process that finds it
     # loads the library directly: cpp_extension.load would regenerate build.ninja with this
@@ -220,6 +236,7 @@ def _build_cpu() -> BuildStatus:
                       extra_ldflags=["-fopenmp"])
     if not status.available:
         return status
+    _register_fake_kernels("cpu")
     isa = torch.ops.invconv_cpu.isa()
     how = "compiled" if status.compiled else "loaded from cache"
     return dataclasses.replace(status, reason=f"C++ kernel, {isa} ({how} in {status.seconds:.1f} s)")
@@ -236,10 +253,11 @@ def _build_cuda() -> BuildStatus:
         return BuildStatus(False, "the CUDA toolkit (nvcc) was not found: set CUDA_HOME")
     if not cpp_extension.is_ninja_available():
         return BuildStatus(False, "ninja is not installed (pip install ninja)")
-    status = _compile("invconv_cuda", "CUDA", _CUDA_SOURCES, _CUDA_DEPENDS, extra_cflags=["-O3"],
-                      extra_cuda_cflags=list(_CUDA_FLAGS))
+    status = _compile("invconv_cuda", "CUDA", _CUDA_SOURCES, _CUDA_DEPENDS, target=cuda_build_target(),
+                      extra_cflags=["-O3"], extra_cuda_cflags=list(_CUDA_FLAGS))
     if not status.available:
         return status
+    _register_fake_kernels("cuda")
     how = "compiled" if status.compiled else "loaded from cache"
     name = torch.cuda.get_device_name()
     return dataclasses.replace(status, reason=f"CUDA kernel on {name} ({how} in {status.seconds:.1f} s)")
@@ -309,6 +327,107 @@ _KERNELS = {
 }
 
 
+# ----------------------------------------------------------------------------------------------
+# The differentiable solve as PyTorch operators (torch.ops.invconv_cpu.causal_solve and
+# torch.ops.invconv_cuda.causal_solve): CPU / CUDA kernels and a C++ autograd node in csrc/, the
+# fake kernels here, so that torch.compile traces them and autograd costs no Python per call.
+
+_fakes_registered: set[str] = set()
+
+
+def _register_fake_kernels(device_type: str) -> None:
+    """Shape-only (fake / meta) kernels of the ops, for torch.compile; once per process."""
+    if device_type in _fakes_registered:
+        return
+    lib = f"invconv_{device_type}"
+
+    def solve_fake(y, weight, orientation, unit_diagonal, *rest):
+        return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+    def backward_fake(grad, weight, x, orientation, unit_diagonal, need_weight_grad, *rest):
+        lam = torch.empty_like(grad, memory_format=torch.contiguous_format)
+        grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight_grad \
+            else weight.new_empty((0,))
+        return lam, grad_w
+
+    torch.library.register_fake(f"{lib}::causal_solve")(solve_fake)
+    torch.library.register_fake(f"{lib}::causal_solve_backward")(backward_fake)
+    _fakes_registered.add(device_type)
+
+
+# Shapes the native solve cannot run (a CUDA plan that does not fit in shared memory), per device
+# and shape: the reason, recorded once and reported by solver_status.
+_fallbacks: dict[tuple, str] = {}
+
+
+@functools.lru_cache(maxsize=1024)
+def cuda_plan_error(device_index: int, dtype: torch.dtype, channels: int, height: int, width: int,
+                    kernel_size: int) -> str | None:
+    """``None`` when the CUDA solve can run this shape on that device, else why not (the planner's
+    own message: the shape does not fit in the device's shared memory). The batch does not
+    matter: a plan is per image."""
+    code = 0 if dtype == torch.float32 else 1
+    err = torch.ops.invconv_cuda.plan_error(device_index, code, channels, height, width, kernel_size)
+    return err or None
+
+
+def _plan_error(y: torch.Tensor, kernel_size: int) -> str | None:
+    """Why the native solve of ``y``'s device cannot run this shape, or ``None``."""
+    if y.device.type != "cuda":
+        return None  # the CPU kernel has no shape limit
+    if torch.compiler.is_compiling():
+        # Under torch.compile the image size may be symbolic, which cannot be passed to the host
+        # planner while tracing: the compiled graph calls the op, and a shape that does not fit
+        # raises the planner's error (INVCONV_SOLVER=torch solves it).
+        return None
+    return cuda_plan_error(y.device.index or 0, y.dtype, y.shape[1], y.shape[2], y.shape[3], kernel_size)
+
+
+@torch.compiler.assume_constant_result
+def _native_backend(device_type: str, dtype: torch.dtype, mode: str) -> str:
+    """``device_type`` when its native op serves ``dtype``, else ``""``; raises under ``native``
+    when it cannot. torch.compile evaluates this once while tracing (it may build the library,
+    which tracing could not follow) and keeps the answer as a constant of the graph."""
+    return device_type if kernels_for(device_type, dtype, required=(mode == "native")) is not None else ""
+
+
+def differentiable_solve(y: torch.Tensor, kernel_size: int, mode: str):
+    """The native differentiable solve op for tensors like ``y``, as ``(y, weight, orientation
+    code, unit_diagonal) -> x``, or ``None`` where the reference must be used (``auto`` only;
+    ``native`` raises :class:`NativeUnavailableError` with the reason instead).
+
+    Under ``auto`` the reference is also used for a shape the native kernel cannot run (a CUDA
+    plan that does not fit in the device's shared memory); the reason is recorded (see
+    :func:`solver_status` and :func:`fallbacks`) and warned once per shape.
+    """
+    backend = _native_backend(y.device.type, y.dtype, mode)
+    if not backend:
+        return None
+    err = _plan_error(y, kernel_size)
+    if err is None:
+        return _cpu_differentiable if backend == "cpu" else torch.ops.invconv_cuda.causal_solve
+    what = (f"C={y.shape[1]} {y.shape[2]}x{y.shape[3]} k={kernel_size} {str(y.dtype).replace('torch.', '')} "
+            f"on {y.device}")
+    if mode == "native":
+        raise NativeUnavailableError(f"{SOLVER_ENV}=native: the native solve cannot run {what}: {err}")
+    key = (str(y.device), y.dtype, y.shape[1], y.shape[2], y.shape[3], kernel_size)
+    if key not in _fallbacks:
+        _fallbacks[key] = f"{what}: {err}"
+        warnings.warn(f"invconv: using the PyTorch reference solve for {what} ({err})", RuntimeWarning,
+                      stacklevel=3)
+    return None
+
+
+def fallbacks() -> list[str]:
+    """The shapes this process solved with the reference because the native kernel could not run
+    them (see :func:`differentiable_solve`), with the reasons."""
+    return list(_fallbacks.values())
+
+
+def _cpu_differentiable(y, weight, orientation, unit_diagonal):
+    return torch.ops.invconv_cpu.causal_solve(y, weight, orientation, unit_diagonal, _cpu_isa_code())
+
+
 def kernels_for(device: torch.device | str, dtype: torch.dtype, *, required: bool = False) -> NativeKernels | None:
     """The native kernels for tensors on ``device`` of ``dtype``, building them on first use.
 
@@ -361,7 +480,21 @@ def solver_status(build: bool = True) -> dict[str, dict[str, str]]:
         else:
             solver, reason = "torch", f"native unavailable: {status.reason}"
         out[device_type] = {"solver": solver, "mode": mode, "reason": reason}
+        fell_back = [why for key, why in _fallbacks.items() if key[0].split(":")[0] == device_type]
+        if status is not None and status.available and (device_type == "cuda" or fell_back):
+            out[device_type]["fallback"] = _fallback_note(mode, fell_back)
     return out
+
+
+def _fallback_note(mode: str, fell_back: list[str]) -> str:
+    """What happens to a shape the native kernel cannot run, and which shapes did so here."""
+    if mode == "native":
+        note = "a shape whose plan does not fit in the GPU's shared memory is an error (INVCONV_SOLVER=native)"
+    else:
+        note = "a shape whose plan does not fit in the GPU's shared memory uses the PyTorch reference"
+    if fell_back:
+        note += "; in this process: " + "; ".join(fell_back)
+    return note
 
 
 def describe(build: bool = True) -> str:
@@ -370,4 +503,6 @@ def describe(build: bool = True) -> str:
     for device_type, s in solver_status(build).items():
         reason = s["reason"].splitlines()[0] if s["reason"] else ""
         lines.append(f"{device_type}: {s['solver']} ({SOLVER_ENV}={s['mode']}) — {reason}")
+        if s.get("fallback"):
+            lines.append(f"  {s['fallback']}")
     return "\n".join(lines)

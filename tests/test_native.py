@@ -491,11 +491,108 @@ def test_cuda_kernel_emulated_on_host(cuda_emulator, tmp_path, orientation, case
         torch.testing.assert_close(x32, ref, rtol=1e-5, atol=1e-5)
 
 
+# k = 1 with the column ring: the ring needs a column more than R + k - 1 there (a slot committed
+# during a step must not be one the step writes). (shape, k, max_rows, force_ring, dtype, plan)
+_EMULATED_K1_RING = [
+    ((1, 12, 16, 200), 1, 0, False, torch.float64, {"strips": 1, "ring": 1}),  # the planner's own choice
+    ((1, 12, 64, 256), 1, 0, False, torch.float32, {"strips": 2, "ring": 1}),
+    ((1, 4, 8, 20), 1, 4, True, torch.float64, {"strips": 2, "ring": 1, "ring_cols": 5}),
+    ((2, 3, 5, 13), 1, 0, True, torch.float64, {"strips": 1, "ring": 1}),
+]
+
+
+@pytest.mark.parametrize("adjoint", [False, True], ids=["solve", "adjoint"])
+@pytest.mark.parametrize("case", range(len(_EMULATED_K1_RING)))
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_cuda_kernel_emulated_k1_with_column_ring(cuda_emulator, tmp_path, orientation, case, adjoint):
+    shape, k, max_rows, ring, dtype, expect_plan = _EMULATED_K1_RING[case]
+    unit = case % 2 == 1
+    weight = random_causal_weight(shape[1], k, orientation, unit, scale=0.05)
+    y = torch.randn(shape, dtype=torch.float64)
+    ref = (adjoint_reference if adjoint else solve_reference)(y, weight, orientation, unit)
+    x, plan = _emulate(cuda_emulator, tmp_path, y, weight, orientation, unit, adjoint, max_rows, ring, dtype=dtype)
+    assert {key: plan[key] for key in expect_plan} == expect_plan, plan
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(x, ref, rtol=tol, atol=tol)
+
+
+@pytest.fixture(scope="session")
+def cuda_emulator_tsan(tmp_path_factory):
+    """The emulator built with ThreadSanitizer: the CUDA threads of a block are host threads, so a
+    shared-memory race between two steps' barriers is a data race TSan reports (it found the k = 1
+    ring race at the eviction read against the x write). Skipped, with the reason, where the
+    compiler cannot build or run it."""
+    if not HAS_CXX:
+        pytest.skip("no C++ compiler on PATH")
+    exe = tmp_path_factory.mktemp("emulator_tsan") / "emulate"
+    src = ROOT / "tests" / "cuda_emulation" / "emulate.cpp"
+    cmd = [os.environ.get("CXX", "c++"), "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-pthread",
+           "-DINVCONV_CUDA_THREADS=32", "-Wno-unknown-pragmas", str(src), "-o", str(exe)]
+    out = subprocess.run(cmd + ["-Wno-tsan"], capture_output=True, text=True)
+    if out.returncode != 0:  # -Wno-tsan is GCC's; retry without it before giving up
+        out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip(f"the compiler cannot build with -fsanitize=thread: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+    probe = subprocess.run([str(exe)], capture_output=True, text=True)  # usage message: rc 1 unless TSan cannot start
+    if probe.returncode != 1:
+        pytest.skip(f"ThreadSanitizer binaries do not run here: {(probe.stderr.strip().splitlines() or ['?'])[0]}")
+    return exe
+
+
+# (shape, k, max_rows, force_ring): the ring at k = 1 and k = 3, strips with progress flags
+_TSAN_CASES = [((1, 4, 8, 20), 1, 4, True), ((2, 3, 5, 13), 1, 0, True), ((1, 12, 9, 30), 3, 3, True),
+               ((1, 4, 13, 11), 5, 4, True), ((2, 12, 23, 9), 3, 6, False)]
+
+
+@pytest.mark.parametrize("case", range(len(_TSAN_CASES)))
+def test_cuda_kernel_emulated_under_thread_sanitizer(cuda_emulator_tsan, tmp_path, monkeypatch, case):
+    """No data race between the CUDA threads of a block (solve and adjoint), and exact results."""
+    shape, k, max_rows, ring = _TSAN_CASES[case]
+    monkeypatch.setenv("TSAN_OPTIONS", "halt_on_error=1:exitcode=66")
+    for orientation, adjoint in [("TL", False), ("BR", True)]:
+        weight = random_causal_weight(shape[1], k, orientation, False, scale=0.05)
+        y = torch.randn(shape, dtype=torch.float64)
+        ref = (adjoint_reference if adjoint else solve_reference)(y, weight, orientation, False)
+        x, _ = _emulate(cuda_emulator_tsan, tmp_path, y, weight, orientation, False, adjoint, max_rows, ring)
+        torch.testing.assert_close(x, ref, rtol=1e-10, atol=1e-10)
+
+
 def test_cuda_planner_reports_shapes_that_do_not_fit(cuda_emulator, tmp_path):
     weight = random_causal_weight(12, 7, "TL", True)
     y = torch.randn(1, 12, 8, 8, dtype=torch.float64)
     with pytest.raises(AssertionError, match="does not fit in shared memory"):
         _emulate(cuda_emulator, tmp_path, y, weight, "TL", True, False, smem_limit=8000)
+
+
+def test_cuda_kernel_attribute_is_set_once(cuda_emulator, tmp_path, monkeypatch):
+    """cudaFuncSetAttribute runs once per device and kernel instantiation, not per solve (two host
+    threads could otherwise interleave it with each other's launches)."""
+    weight = random_causal_weight(4, 3, "TL", True)
+    y = torch.randn(1, 4, 8, 20, dtype=torch.float64)
+    monkeypatch.setenv("EMU_REPEAT", "3")
+    x, plan = _emulate(cuda_emulator, tmp_path, y, weight, "TL", True, False, 4, True)
+    assert plan["attribute_calls"] == 1
+    torch.testing.assert_close(x, solve_reference(y, weight, "TL", True), rtol=1e-10, atol=1e-10)
+
+
+def test_cuda_errors_carry_cuda_text_and_clear_the_error_state(cuda_emulator, tmp_path, monkeypatch):
+    weight = random_causal_weight(4, 3, "TL", True)
+    y = torch.randn(1, 4, 8, 20, dtype=torch.float64)
+    monkeypatch.setenv("EMU_FAIL_ATTRIBUTE", "1")
+    with pytest.raises(AssertionError) as info:
+        _emulate(cuda_emulator, tmp_path, y, weight, "TL", True, False)
+    text = str(info.value)
+    assert "invconv_cuda: cannot reserve the planned shared memory: cudaErrorInvalidValue: invalid argument" in text
+    assert "error state afterwards: cudaSuccess" in text
+
+
+def test_cuda_planner_counts_the_fold_kernels_shared_memory(cuda_emulator, tmp_path):
+    """The fold kernel holds the C×C inverse of the centre block in shared memory: a C too large
+    for it is a planning error (so INVCONV_SOLVER=auto falls back), not a failed launch."""
+    weight = random_causal_weight(40, 1, "TL", True)
+    y = torch.randn(1, 40, 2, 2, dtype=torch.float64)
+    with pytest.raises(AssertionError, match="too many channels for the centre block's inverse"):
+        _emulate(cuda_emulator, tmp_path, y, weight, "TL", True, False, smem_limit=40 * 40 * 8 + 200)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")

@@ -35,10 +35,15 @@ static int run(int argc, char** argv, const int* a) {
   std::vector<T> y(yd.begin(), yd.end()), w(wd.begin(), wd.end()), x(ny, T(NAN));
   std::vector<unsigned char> ws(plan.workspace_bytes + 64, 0xFF);
   void* wsp = ws.data() + (64 - reinterpret_cast<uintptr_t>(ws.data()) % 64) % 64;
-  if (const char* err = invconv_cuda_solve(&plan, y.data(), w.data(), x.data(), a[6], a[7], a[8], wsp, nullptr)) {
-    std::fprintf(stderr, "%s\n", err);
-    return 4;
-  }
+  // EMU_REPEAT=n solves n times (the kernel attributes must be set once, not per call).
+  const int repeat = std::getenv("EMU_REPEAT") ? std::atoi(std::getenv("EMU_REPEAT")) : 1;
+  for (int i = 0; i < repeat; ++i)
+    if (const char* err = invconv_cuda_solve(&plan, y.data(), w.data(), x.data(), a[6], a[7], a[8], wsp, nullptr)) {
+      // An error must leave no error state behind (CUDA's own text is in the message).
+      std::fprintf(stderr, "%s\nerror state afterwards: %s\n", err, cudaGetErrorName(cudaGetLastError()));
+      return 4;
+    }
+  std::printf("attribute_calls=%d\n", emu::attribute_calls());
   std::vector<double> xd(x.begin(), x.end());
   std::ofstream f(argv[14], std::ios::binary);
   f.write(reinterpret_cast<const char*>(xd.data()), static_cast<std::streamsize>(ny * sizeof(double)));

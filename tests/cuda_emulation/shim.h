@@ -13,6 +13,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -81,6 +83,26 @@ struct atomic_ref {
 
 typedef void* cudaStream_t;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+inline const char* cudaGetErrorName(cudaError_t e) { return e == cudaSuccess ? "cudaSuccess" : "cudaErrorInvalidValue"; }
+inline const char* cudaGetErrorString(cudaError_t e) {
+  return e == cudaSuccess ? "no error" : "invalid argument";
+}
+namespace emu {
+// As on a device: the last error of a failed call or launch, reported and cleared by
+// cudaGetLastError; dynamic shared memory above 48 KB only after cudaFuncSetAttribute.
+inline cudaError_t& last_error() {
+  static cudaError_t e = cudaSuccess;
+  return e;
+}
+inline std::map<const void*, int>& allowed_smem() {
+  static std::map<const void*, int> m;
+  return m;
+}
+inline int& attribute_calls() {
+  static int n = 0;
+  return n;
+}
+}  // namespace emu
 enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 inline cudaError_t cudaGetDevice(int* d) {
@@ -96,14 +118,27 @@ inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) {
   return cudaSuccess;
 }
 template <class F>
-inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int bytes) {
-  return bytes <= emu::smem_limit() ? cudaSuccess : cudaErrorInvalidValue;
+inline cudaError_t cudaFuncSetAttribute(F f, cudaFuncAttribute, int bytes) {
+  ++emu::attribute_calls();
+  // EMU_FAIL_ATTRIBUTE=1: the call fails, to test how errors are reported.
+  if (bytes > emu::smem_limit() || std::getenv("EMU_FAIL_ATTRIBUTE")) return emu::last_error() = cudaErrorInvalidValue;
+  emu::allowed_smem()[reinterpret_cast<const void*>(f)] = bytes;
+  return cudaSuccess;
 }
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t e = emu::last_error();
+  emu::last_error() = cudaSuccess;
+  return e;
+}
 
 namespace emu {
 template <class... P, class... A>
 void launch(void (*kernel)(P...), unsigned grid, unsigned block, size_t smem, A... args) {
+  const auto it = allowed_smem().find(reinterpret_cast<const void*>(kernel));
+  if (smem > 48 * 1024 && (it == allowed_smem().end() || static_cast<size_t>(it->second) < smem)) {
+    last_error() = cudaErrorInvalidValue;  // a real launch fails the same way
+    return;
+  }
   gridDim.x = grid;
   blockDim.x = block;
   for (unsigned b = 0; b < grid; ++b) {

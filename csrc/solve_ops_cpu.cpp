@@ -1,0 +1,94 @@
+// The differentiable CPU solve as a PyTorch operator with its own dispatch keys, so that
+// torch.compile (fake tensors), the autograd engine and the dispatcher all see one op:
+//
+//   invconv_cpu::causal_solve(y, weight, orientation, unit_diagonal, isa) -> x
+//       CPU kernel: the native solve (invconv_cpu::solve, solve_cpu.cpp);
+//       Autograd kernel: a C++ autograd node whose backward is causal_solve_backward.
+//   invconv_cpu::causal_solve_backward(grad, weight, x, orientation, unit_diagonal,
+//                                      need_weight_grad, isa) -> (λ, ∂L/∂W)
+//       CPU kernel: the fused adjoint solve + weight gradient (invconv_cpu::solve_backward);
+//       ∂L/∂W is an empty tensor when not needed (a fixed output arity for torch.compile).
+//
+// The fake (meta) kernels that torch.compile needs are registered from Python
+// (layers/native.py, torch.library.register_fake); the autograd node is solve_autograd.h. The kernels
+// of solve_cpu.cpp are reached through the dispatcher (their registered ops), which keeps that
+// file untouched.
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "solve_autograd.h"
+
+namespace {
+
+at::Tensor kernel_solve(const at::Tensor& y, const at::Tensor& weight, int64_t orientation, bool unit_diagonal,
+                        int64_t isa) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("invconv_cpu::solve", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool, bool, int64_t)>();
+  return op.call(y, weight, orientation, unit_diagonal, false, isa);
+}
+
+std::tuple<at::Tensor, at::Tensor> kernel_solve_backward(const at::Tensor& grad, const at::Tensor& weight,
+                                                         const at::Tensor& x, int64_t orientation, bool unit_diagonal,
+                                                         bool need_weight_grad, int64_t isa) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("invconv_cpu::solve_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, int64_t, bool, bool, int64_t)>();
+  auto [lam, grad_w] = op.call(grad, weight, x, orientation, unit_diagonal, need_weight_grad, isa);
+  if (!grad_w.defined()) grad_w = at::empty({0}, weight.options());
+  return {lam, grad_w};
+}
+
+at::Tensor call_solve(const at::Tensor& y, const at::Tensor& weight, int64_t orientation, bool unit_diagonal,
+                      int64_t isa) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("invconv_cpu::causal_solve", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool, int64_t)>();
+  return op.call(y, weight, orientation, unit_diagonal, isa);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_solve_backward(const at::Tensor& grad, const at::Tensor& weight,
+                                                       const at::Tensor& x, int64_t orientation, bool unit_diagonal,
+                                                       bool need_weight_grad, int64_t isa) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("invconv_cpu::causal_solve_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, int64_t, bool, bool, int64_t)>();
+  return op.call(grad, weight, x, orientation, unit_diagonal, need_weight_grad, isa);
+}
+
+struct CpuOps {
+  static at::Tensor solve(const at::Tensor& y, const at::Tensor& weight, int64_t orientation, bool unit_diagonal,
+                          int64_t isa) {
+    return call_solve(y, weight, orientation, unit_diagonal, isa);
+  }
+  static std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Tensor& weight,
+                                                     const at::Tensor& x, int64_t orientation, bool unit_diagonal,
+                                                     bool need_weight_grad, int64_t isa) {
+    return call_solve_backward(grad, weight, x, orientation, unit_diagonal, need_weight_grad, isa);
+  }
+};
+
+at::Tensor autograd_solve(const at::Tensor& y, const at::Tensor& weight, int64_t orientation, bool unit_diagonal,
+                          int64_t isa) {
+  return invconv::CausalSolveFunction<CpuOps>::apply(y, weight, orientation, unit_diagonal, isa);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(invconv_cpu, m) {
+  m.def("causal_solve(Tensor y, Tensor weight, int orientation, bool unit_diagonal, int isa=0) -> Tensor");
+  m.def(
+      "causal_solve_backward(Tensor grad, Tensor weight, Tensor x, int orientation, bool unit_diagonal, "
+      "bool need_weight_grad, int isa=0) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(invconv_cpu, CPU, m) {
+  m.impl("causal_solve", &kernel_solve);
+  m.impl("causal_solve_backward", &kernel_solve_backward);
+}
+
+TORCH_LIBRARY_IMPL(invconv_cpu, Autograd, m) { m.impl("causal_solve", &autograd_solve); }

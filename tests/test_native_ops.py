@@ -1,0 +1,238 @@
+"""The native solves as registered PyTorch operators: operator checks, torch.compile of every
+layer against eager, the fallback of ``INVCONV_SOLVER=auto`` for shapes the kernel cannot run, the
+CUDA build's cache key, and (where a GPU is present) CUDA-graph capture."""
+
+import os
+import shutil
+
+import pytest
+import torch
+from helpers import random_causal_weight
+
+import layers
+from layers import causal, native
+from layers.causal import ORIENTATIONS, solve_reference
+
+HAS_CXX = shutil.which(os.environ.get("CXX", "c++")) is not None
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def cpu_ops():
+    if not HAS_CXX:
+        pytest.skip("no C++ compiler on PATH: the native CPU solver cannot be built here")
+    status = native.load("cpu")
+    assert status.available, f"the native CPU solver did not build:\n{status.reason}"
+
+
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_cpu_ops_pass_opcheck(cpu_ops, orientation):
+    """Schema, fake kernel, autograd registration and AOT dispatch agree with the real kernels."""
+    code = native.ORIENTATION_CODES[orientation]
+    weight = random_causal_weight(3, 3, orientation, unit=False).requires_grad_()
+    y = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.invconv_cpu.causal_solve.default, (y, weight, code, False, 0))
+    x = torch.ops.invconv_cpu.causal_solve(y.detach(), weight.detach(), code, False, 0)
+    for need_w in (True, False):
+        torch.library.opcheck(torch.ops.invconv_cpu.causal_solve_backward.default,
+                              (torch.randn_like(x), weight.detach(), x, code, False, need_w, 0))
+
+
+def test_cpu_op_gradcheck_and_no_double_backward(cpu_ops):
+    """gradcheck through the free parameters (the centre's upper triangle and unit diagonal are
+    not parameters of the solve)."""
+    c, k = 3, 2
+    off = (torch.randn(c, c, k * k - 1, dtype=torch.float64) * 0.2).requires_grad_()
+    lower = (torch.randn(c * (c - 1) // 2, dtype=torch.float64) * 0.2).requires_grad_()
+    y = torch.randn(2, c, 4, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(y, off, lower):
+        weight = causal.assemble_weight(off, lower, None, "BR")
+        return torch.ops.invconv_cpu.causal_solve(y, weight, native.ORIENTATION_CODES["BR"], True, 0)
+
+    assert torch.autograd.gradcheck(f, (y, off, lower))
+    x = f(y, off, lower)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        torch.autograd.grad(x.square().sum(), (y, off), create_graph=True)
+
+
+def test_solve_uses_the_registered_op(monkeypatch, cpu_ops):
+    """Under the native solver, layers.causal.solve is one operator call whose autograd node is
+    C++ (no Python torch.autograd.Function in the graph)."""
+    monkeypatch.setenv(native.SOLVER_ENV, "native")
+    weight = random_causal_weight(4, 3, "TL", unit=True).requires_grad_()
+    y = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    x = causal.solve(y, weight, "TL", unit_diagonal=True)
+    assert "CppNode<invconv::CausalSolveFunction" in x.grad_fn.name()  # the C++ node (csrc/solve_autograd.h)
+    torch.testing.assert_close(x, solve_reference(y.detach(), weight.detach(), "TL", True))
+
+
+def _graph_recorder(graphs):
+    backend = torch._dynamo.lookup_backend("aot_eager")
+
+    def record(gm, example_inputs):
+        graphs.append(gm.code)
+        return backend(gm, example_inputs)
+
+    return record
+
+
+@pytest.mark.parametrize("name", layers.available())
+def test_torch_compile_fullgraph_matches_eager_with_the_native_solver(monkeypatch, cpu_ops, name):
+    """torch.compile(layer, fullgraph=True) — Dynamo, the fake kernels, AOTAutograd through the
+    C++ autograd node — gives eager's outputs, inverse and gradients, with the native op in the
+    graph where the layer solves. (The aot_eager backend compiles every layer in seconds;
+    Inductor is checked on two layers below.)"""
+    monkeypatch.setenv(native.SOLVER_ENV, "native")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = layers.create(name, channels=4, kernel_size=3, input_size=(6, 5))
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(2, 4, 6, 5)
+    graphs = []
+    forward = torch.compile(layer, fullgraph=True, backend=_graph_recorder(graphs))
+    inverse = torch.compile(layer.inverse, fullgraph=True, backend=_graph_recorder(graphs))
+
+    def run(fwd, inv):
+        layer.zero_grad()
+        xg = x.clone().requires_grad_()
+        z, logdet = fwd(xg)
+        (z.square().sum() + logdet.sum()).backward()
+        grads = [None if p.grad is None else p.grad.clone() for p in layer.parameters()]  # snf: inverse-only
+        return z.detach(), logdet.detach(), inv(z.detach()), xg.grad, grads
+
+    eager, compiled = run(layer, layer.inverse), run(forward, inverse)
+    for a, b in zip(eager[:4], compiled[:4]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for a, b in zip(eager[4], compiled[4]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    if layers.info(name).sequential != "none" and name != "snf":
+        assert any("invconv_cpu.causal_solve" in code for code in graphs), graphs
+
+
+@pytest.mark.parametrize("name", ["inverse-flow", "finc"])
+def test_torch_compile_inductor_matches_eager(monkeypatch, cpu_ops, name):
+    """The default backend (Inductor) too, with the solve as an extern kernel in its code."""
+    monkeypatch.setenv(native.SOLVER_ENV, "native")
+    torch._dynamo.reset()
+    layer = layers.create(name, channels=4, kernel_size=3)
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    z, logdet = layer(x)
+    (z.square().sum() + logdet.sum()).backward()
+    grad = x.grad.clone()
+    x.grad = None
+    z2, logdet2 = torch.compile(layer, fullgraph=True)(x)
+    (z2.square().sum() + logdet2.sum()).backward()
+    torch.testing.assert_close(z2, z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logdet2, logdet, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.compile(layer.inverse, fullgraph=True)(z.detach()), layer.inverse(z.detach()),
+                               rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# INVCONV_SOLVER=auto falls back for a shape the native kernel cannot run
+
+
+@pytest.fixture
+def shape_does_not_fit(monkeypatch, cpu_ops):
+    """As if the kernel's planner had rejected every shape (on a GPU: too little shared memory)."""
+    reason = "invconv_cuda: this shape does not fit in shared memory (simulated)"
+    monkeypatch.setattr(native, "_plan_error", lambda y, k: reason)
+    monkeypatch.setattr(native, "_fallbacks", {})
+    return reason
+
+
+def test_auto_falls_back_to_the_reference_and_records_why(monkeypatch, shape_does_not_fit):
+    monkeypatch.setenv(native.SOLVER_ENV, "auto")
+    weight = random_causal_weight(3, 3, "TL", unit=True).requires_grad_()
+    y = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="using the PyTorch reference solve for C=3 4x4 k=3 float64"):
+        x = causal.solve(y, weight, "TL", unit_diagonal=True)
+    assert "CppNode" not in x.grad_fn.name()  # the reference's autograd.Function
+    torch.testing.assert_close(x, solve_reference(y.detach(), weight.detach(), "TL", True))
+    x.square().sum().backward()
+    assert y.grad is not None and weight.grad is not None
+    assert native.fallbacks() == [f"C=3 4x4 k=3 float64 on cpu: {shape_does_not_fit}"]
+    status = native.solver_status()["cpu"]
+    assert status["solver"] == "native-cpu" and shape_does_not_fit in status["fallback"]
+    assert "uses the PyTorch reference" in status["fallback"]
+
+
+def test_native_mode_raises_when_the_shape_does_not_fit(monkeypatch, shape_does_not_fit):
+    monkeypatch.setenv(native.SOLVER_ENV, "native")
+    weight = random_causal_weight(3, 3, "TL", unit=True)
+    y = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    with pytest.raises(native.NativeUnavailableError, match="cannot run C=3 4x4 k=3 float64 on cpu.*simulated"):
+        causal.solve(y, weight, "TL", unit_diagonal=True)
+
+
+def test_cuda_build_is_keyed_by_the_gpus_and_the_arch_list(monkeypatch):
+    """A cache shared by machines with different GPUs (an NFS home) keeps one build per target."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: [(8, 0), (9, 0)][i])
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    target = native.cuda_build_target()
+    assert target.startswith("sm=8.0,9.0|")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6+PTX")
+    assert native.cuda_build_target().endswith("TORCH_CUDA_ARCH_LIST=8.6+PTX")
+    files = native._CUDA_SOURCES + native._CUDA_DEPENDS
+    dirs = {native._build_dir("invconv_cuda", files, [], t) for t in (target, native.cuda_build_target())}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (8, 0))
+    dirs.add(native._build_dir("invconv_cuda", files, [], native.cuda_build_target()))
+    assert len(dirs) == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+
+cuda_only = pytest.mark.skipif(not CUDA, reason="no CUDA device")
+
+
+@cuda_only
+@pytest.mark.parametrize("name", ["inverse-flow", "finc"])
+def test_cuda_graph_capture_of_a_layer_call(monkeypatch, name):
+    """A layer's forward and inverse captured in a CUDA graph and replayed on new data give
+    eager's results (no host synchronisation, allocation outside the caching allocator or
+    per-call attribute setting inside the solve)."""
+    monkeypatch.setenv(native.SOLVER_ENV, "native")
+    layer = layers.create(name, channels=12, kernel_size=3).cuda()
+    x = torch.randn(8, 12, 32, 32, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(3):  # warm-up outside the capture: build, plans, kernel attributes
+            z, _ = layer(x)
+            layer.inverse(z)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        z, logdet = layer(x)
+        x_back = layer.inverse(z)
+    fresh = torch.randn_like(x)
+    x.copy_(fresh)
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        z_ref, logdet_ref = layer(fresh)
+        torch.testing.assert_close(z, z_ref)
+        torch.testing.assert_close(logdet, logdet_ref)
+        torch.testing.assert_close(x_back, layer.inverse(z_ref))
+
+
+@cuda_only
+def test_cuda_torch_compile_matches_eager(monkeypatch):
+    monkeypatch.setenv(native.SOLVER_ENV, "native")
+    torch._dynamo.reset()
+    layer = layers.create("finc", channels=12, kernel_size=3).cuda()
+    x = torch.randn(4, 12, 16, 16, device="cuda", requires_grad=True)
+    z, logdet = layer(x)
+    z2, logdet2 = torch.compile(layer, fullgraph=True)(x)
+    torch.testing.assert_close(z2, z)
+    torch.testing.assert_close(logdet2, logdet)
+    zd = z.detach()
+    torch.testing.assert_close(torch.compile(layer.inverse, fullgraph=True)(zd), layer.inverse(zd))
