@@ -109,7 +109,7 @@ PROCESS_NOISE_BOUND = 3.0
 2-core machines, rounded up: where the evidence cannot tell the code from the process (one
 worker process on a side, or a side whose samples the machine disturbed), a slower row fails
 only when the whole interval lies beyond this factor, and is ``inconclusive`` (reported, exit 0)
-otherwise. How it was measured: see the README's "Regression tracking" (the largest ratio of
+otherwise. How it was measured: see docs/regression.md (the largest ratio of
 two process medians of the same cell, over 12 processes per cell under a load average of 10)."""
 
 INSTRUCTIONS_THRESHOLD = 0.03

@@ -61,7 +61,7 @@ def report(comparison, base_desc: dict, new_desc: dict, args: argparse.Namespace
         print(line, file=sys.stderr)
     if comparison.failures:
         print(f"{len(comparison.failures)} regression(s); to accept an intended one, add a trailer "
-              "'Perf-Regression-Accepted: PATTERN — REASON' to the commit message (see README)", file=sys.stderr)
+              "'Perf-Regression-Accepted: PATTERN — REASON' to the commit message (see docs/regression.md)", file=sys.stderr)
         return 1
     return 0
 

@@ -191,7 +191,7 @@ def add_measure_arguments(p: argparse.ArgumentParser) -> None:
                    help="time (default), or instructions: instructions executed per call, counted under valgrind's "
                         "callgrind, every cell in one process (deterministic: the CPU regression gate's metric)")
     t.add_argument("--threads", type=lambda s: _positive_ints(s)[0], metavar="N",
-                   help="torch CPU threads, pinned in every cell (default 1 on a CPU: see the README on measuring "
+                   help="torch CPU threads, pinned in every cell (default 1 on a CPU: see docs/measurement.md on measuring "
                         "multi-threaded scaling)")
     t.add_argument("--seed", type=int, help="random seed of inputs and initial weights (default 0)")
     t.add_argument("--cold-cache", action="store_true", help="evict caches between samples (L2 on GPU, LLC on CPU)")
