@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from .cli import UsageError
-from .runs import SCHEMA
 from .shards import LOST, append, finished_keys, lost_record, read_records, shard_path, where
 
 EXECUTORS = ("local", "gpus", "slurm")
@@ -531,5 +530,5 @@ def slurm_task(run_dir: str, keys: list[str]) -> dict[str, int]:
             else:
                 measured += 1
         record["where"] = where("slurm", cell.device)
-        append(shard, record, SCHEMA)
+        append(shard, record)
     return {"measured": measured}
