@@ -114,7 +114,7 @@ two process medians of the same cell, over 12 processes per cell under a load av
 
 INSTRUCTIONS_THRESHOLD = 0.03
 """Default failing increase of an instruction count (``--metric instructions``): two processes
-of identical code agree within 0.6 % (bench/instructions.py), so a 5 % regression always fails
+of identical code agree within 0.8 % (bench/instructions.py), so a 5 % regression always fails
 and identical code never does."""
 
 FAILED_STATUSES = ("error", "timeout", "oom", "nonfinite")
