@@ -409,16 +409,22 @@ def run_cells(cells: list[Cell], config: SweepConfig, run_dir: Path, done: set[s
                     record = measure_processes(cell, config)
             elif record is None:
                 record = run_in_process(cell, config)
-            record["where"] = where("local", cell.device)
-            append_record(run_dir, record)
-            done.add(cell.key())
+            _save(run_dir, done, cell, record, on_done)
             measured += 1
-            if on_done:
-                on_done(cell, record)
     finally:
         if zygote:
             zygote.close()
     return measured
+
+
+def _save(run_dir: Path, done: set[str], cell: Cell, record: dict[str, Any],
+          on_done: Callable[[Cell, dict[str, Any]], None] | None) -> None:
+    """A finished cell: where it ran, appended to the run (fsync'ed) before anything else happens."""
+    record["where"] = where("local", cell.device)
+    append_record(run_dir, record)
+    done.add(cell.key())
+    if on_done:
+        on_done(cell, record)
 
 
 def _start_zygote():
@@ -443,12 +449,8 @@ def _count_cells(cells: list[Cell], config: SweepConfig, run_dir: Path, done: se
 
     def finish(cell: Cell, record: dict[str, Any]) -> None:
         nonlocal measured
-        record["where"] = where("local", cell.device)
-        append_record(run_dir, record)
-        done.add(cell.key())
+        _save(run_dir, done, cell, record, on_done)
         measured += 1
-        if on_done:
-            on_done(cell, record)
 
     for cell in cells:
         if cell.key() in done:
