@@ -11,7 +11,8 @@ import argparse
 import importlib
 import sys
 
-from .runs import RunDirError
+from .errors import UsageError
+from .execution.runs import RunDirError
 
 # name -> module in bench.commands
 COMMANDS = {
@@ -28,10 +29,6 @@ COMMANDS = {
     "kernels": "kernels",
     "gpu-check": "gpu_check",
 }
-
-
-class UsageError(Exception):
-    """A bad command-line request: printed as one line, exit status 2."""
 
 
 class Parser(argparse.ArgumentParser):

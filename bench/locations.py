@@ -5,7 +5,7 @@ Read-only data travels inside the installed package; the repository keeps its ow
 
 - the published paper tables: ``results/paper/*.toml`` → ``bench/_paper/`` (:func:`paper_tables_dir`);
 - the native C++/CUDA sources: ``csrc/`` → ``layers/_csrc/`` (:func:`layers.native.source_dir`);
-- the presets: ``bench/presets/*.toml``, inside the package already.
+- the presets: ``bench/sweep/presets/*.toml``, inside the package already.
 
 Each function looks inside the package first and then at the checkout, so one code path serves a
 wheel, ``pip install .``, an editable install and a checkout run in place (``python -m bench``).

@@ -11,6 +11,9 @@ a record of another configuration is handled the same way everywhere:
 
 A record is one cell: ``{"schema", "key", "cell", "directions", "status", "message", ...}``.
 Only the required fields are checked, so records may carry more (per-process fields, say).
+A record stores what rendering it later needs — ``params``, ``recon_error``, ``exact_inverse``
+(whether the layer inverts exactly) — so an old run renders the same whatever is installed then;
+the readers below (:func:`axis_value`, :func:`exact_inverse`) are how the report reads a cell.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def validate(record: Any) -> dict[str, Any]:
 
 def read(run_dir: str | os.PathLike, *, latest: bool = True) -> list[dict[str, Any]]:
     """The records of a run folder's ``results.jsonl``, in file order; what is not a record is
-    skipped with a warning. (A sharded run's readers use :func:`bench.shards.read_records`, which
+    skipped with a warning. (A sharded run's readers use :func:`bench.execution.shards.read_records`, which
     reads every file of the run through :func:`read_file`.)
 
     ``latest``: keep only the last record of each key (a cell re-measured after a resume).
@@ -157,6 +160,28 @@ def _repair_tail(fd: int, name: str) -> None:
 
 def _json_default(obj: Any) -> Any:
     return str(obj)  # e.g. a torch.dtype in a layer option
+
+
+def exact_inverse(record: dict[str, Any]) -> bool | None:
+    """Whether the record's layer inverts exactly, as the run stored it (``exact_inverse``); for a
+    record written before runs stored it, what the installed registry says; ``None`` if neither
+    knows the layer."""
+    if record.get("exact_inverse") is not None:
+        return bool(record["exact_inverse"])
+    import layers
+
+    try:
+        return layers.info(record["cell"]["layer"]).exact_inverse
+    except layers.LayerError:
+        return None
+
+
+def axis_value(cell: dict[str, Any], axis: str) -> Any:
+    """A record's cell on one sweep axis; ``input_size`` is ``H`` for a square input, else ``"HxW"``."""
+    if axis == "input_size":
+        h, w = cell["height"], cell["width"]
+        return h if h == w else f"{h}x{w}"
+    return cell[axis]
 
 
 def foreign(records: list[dict[str, Any]], config: dict[str, Any]) -> list[dict[str, Any]]:

@@ -4,8 +4,12 @@ Reads one JSON request on stdin, says ``{"type": "ready"}`` once its imports are
 executor's timeout starts there), measures the cell, and writes one JSON line per finished
 direction and a final line for the cell on the protocol stream (the original stdout). Anything
 the measured code prints goes to stderr instead, so it cannot corrupt the protocol. The children
-of the fork server (``bench/zygote.py``) run the same :func:`measure_request`, and guard against
+of the fork server (``bench/execution/zygote.py``) run the same :func:`measure_request`, and guard against
 their parent's death with the same :func:`watch_parent`.
+
+The name ``bench.worker`` is an interface between revisions: ``bench ab`` starts the base
+revision's worker by this name inside that revision's checkout, so it stays here, beside
+``bench/__main__.py``, whatever else moves.
 
 The worker leads its own process group and must not outlive the process that started it (a
 ``bench run`` killed with SIGKILL cannot clean up after itself): it asks the kernel for a
@@ -16,7 +20,6 @@ way the worker kills its whole process group, so whatever the layer started dies
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
@@ -68,9 +71,9 @@ def watch_parent() -> None:
 
 def measure_request(request: dict, emit: Callable[[dict], None]) -> None:
     """Measure the cell of one request, streaming its records to ``emit`` (also run by the
-    children of the fork server, ``bench/zygote.py``)."""
-    from .measure import TimingPolicy, measure_cell
-    from .sweep import Cell
+    children of the fork server, ``bench/execution/zygote.py``)."""
+    from .sweep.cells import Cell
+    from .timing.measure import TimingPolicy, measure_cell
 
     measure_cell(
         Cell.from_dict(request["cell"]),
@@ -89,7 +92,7 @@ def main() -> int:
 
     request = json.load(sys.stdin)
 
-    importlib.import_module(f"{__package__}.measure")  # before "ready": the timeout leaves torch's import out
+    from .timing import measure  # noqa: F401 - before "ready": the timeout leaves torch's import out
 
     def emit(record: dict) -> None:
         protocol.write(json.dumps(record) + "\n")

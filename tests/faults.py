@@ -11,11 +11,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from helpers import install_plugin
+from helpers import bench_cmd, install_plugin, run_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 # The fast timing flags: tiny cells must take a fraction of a second each.
@@ -206,13 +205,8 @@ def install_faulty_plugins(tmp_path: Path, monkeypatch) -> Path:
     return pids
 
 
-def bench_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "bench", *args]
-
-
 def bench(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(bench_cmd(*args), capture_output=True, text=True, cwd=ROOT, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return run_bench(*args, env=env, timeout=timeout)
 
 
 def start_bench(*args: str, env: dict | None = None) -> subprocess.Popen:

@@ -1,9 +1,13 @@
-"""Dense reference computations shared by the tests."""
+"""Shared by the tests: dense reference computations, golden files, plugins, running ``bench``."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
+import subprocess
+import sys
+import textwrap
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
@@ -150,3 +154,60 @@ def bench_in_process(*args: str) -> SimpleNamespace:
         except SystemExit as exc:
             code = exc.code
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench_cmd(*args: str) -> list[str]:
+    """The command line of ``python -m bench ARGS`` with this interpreter."""
+    return [sys.executable, "-m", "bench", *args]
+
+
+def run_bench(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``python -m bench ARGS`` in a new process (``env`` on top of this one's), output captured."""
+    return subprocess.run(bench_cmd(*args), capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def only_run_dir(out: Path) -> Path:
+    """The one run folder a ``bench run --out OUT`` made."""
+    dirs = [p for p in out.iterdir() if p.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def raw_records(run_dir: Path) -> list[dict]:
+    """Every line of a run's ``results.jsonl`` as JSON, as written (no reader's repairs)."""
+    return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+
+
+def scale_layer_plugin(class_name: str, name: str, forward: str, inverse: str = "return z / self.scale[:, None, None]",
+                       doc: str = "") -> str:
+    """Source of a plugin module with one test layer ``name``: a per-channel scale whose
+    ``_forward``/``_inverse`` bodies are ``forward``/``inverse`` (``os``, ``time`` and ``torch``
+    are imported)."""
+    forward, inverse = (textwrap.indent(body, " " * 8).lstrip() for body in (forward, inverse))
+    doc_line = f'    """{doc}"""\n\n' if doc else ""
+    return f"""
+import os
+import time
+
+import torch
+from layers import InvertibleLayer, LayerInfo, Paper
+
+
+class {class_name}(InvertibleLayer):
+{doc_line}    info = LayerInfo(name="{name}", paper=Paper("test layer", "tests", "none", 2026), exact_inverse=True,
+                     sequential="none", kernel_sizes="n/a")
+
+    def __init__(self, channels, kernel_size=None, input_size=None):
+        super().__init__(channels, kernel_size, input_size)
+        self.scale = torch.nn.Parameter(torch.ones(channels))
+
+    def _forward(self, x):
+        {forward}
+
+    def _inverse(self, z):
+        {inverse}
+"""

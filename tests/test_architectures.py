@@ -7,11 +7,11 @@ import torch
 from helpers import dense_jacobian
 
 import layers
-from bench import presets
-from bench.diagnostics import collect_inverse_diagnostics, describe
-from bench.measure import TimingPolicy, measure_cell
-from bench.models import MACOW_CIFAR_LEVELS, build_architecture, macow_model, mintnet_model
-from bench.sweep import Cell, SweepConfig, expand
+from bench.sweep import presets
+from bench.timing.diagnostics import collect_inverse_diagnostics, describe
+from bench.timing.measure import TimingPolicy, measure_cell
+from bench.sweep.models import MACOW_CIFAR_LEVELS, build_architecture, macow_model, mintnet_model
+from bench.sweep.cells import Cell, SweepConfig, expand
 
 
 def _perturb(model, scale=0.05):
@@ -67,7 +67,7 @@ def test_mintnet_model_spreads_pairs_like_the_published_code_and_reports_its_inv
 
 def describe_model(pairs, channels):
     """The description of the published layout, without building its (large) blocks."""
-    import bench.models as models
+    import bench.sweep.models as models
 
     real = layers.create
     try:  # a stand-in for the block: the layout is what is checked here

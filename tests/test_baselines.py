@@ -7,7 +7,7 @@ import json
 import pytest
 from helpers import bench_in_process
 
-from bench import baselines
+from bench.regression import baselines
 
 
 bench = bench_in_process  # these commands measure nothing: no worker processes needed

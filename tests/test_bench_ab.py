@@ -108,7 +108,7 @@ def test_ab_passes_unchanged_code(tmp_path):
     repo = make_repo(tmp_path, "notes")
     out = tmp_path / "runs"
     # Five rounds, as the gate: on the 2-core CI machine a 0.1 ms call runs ~2x slower in some
-    # worker processes than in others (bench/regression.py); with two rounds a side, both new
+    # worker processes than in others (bench/regression/statistics.py); with two rounds a side, both new
     # processes land in the slow mode and both base ones in the fast mode often enough to fail.
     res = bench(repo, "ab", "--base", "HEAD~1", "--layers", "glow-1x1", "--rounds", "5", "--out", str(out), *TINY)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -157,7 +157,7 @@ def test_ab_bad_arguments(tmp_path, args, message):
 
 
 def test_merge_rounds_keeps_every_sample_and_the_worst_status():
-    from bench.ab import merge_rounds
+    from bench.regression.ab import merge_rounds
 
     def ok(samples):
         return {"status": "ok", "samples_ms": samples, "n": len(samples), "median_ms": 0.0, "first_call_ms": 9.0,

@@ -6,29 +6,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
+from helpers import raw_records as records
+from helpers import run_bench as bench
 
-from bench.sweep import Cell, SweepConfig, expand
+from bench.sweep.cells import Cell, SweepConfig, expand
 
-ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--repeat", "2", "--min-time", "0", "--warmup", "1", "--warmup-time", "0", "--no-progress", "--threads", "1",
         "--device", "cpu"]
 
 
-def bench(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=dict(os.environ), timeout=timeout)
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
-
-
 def test_model_scope_run(tmp_path):
-    from bench.models import FlowModel
+    from bench.sweep.models import FlowModel
 
     out = tmp_path / "runs"
     res = bench("run", "--scope", "model", "--layers", "inverse-flow,finc", "--sweep", "input_size",
@@ -140,7 +130,7 @@ def test_old_config_loads_and_expands_to_layer_cells():
 
 def test_kept_results_do_not_mark_the_code_dirty(tmp_path):
     """`--preset all` writes each preset's run folder under results/ before the next starts."""
-    from bench.runs import git_state
+    from bench.git import git_state
 
     def git(*args):
         subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from helpers import check_golden
 
-from bench import render
-from bench.runs import COLUMNS, long_frame
+from bench.report import tables
+from bench.execution.runs import COLUMNS, long_frame
 
 
 CONFIG = {
@@ -53,17 +53,17 @@ RECORDS = [
 
 
 def test_markdown_golden():
-    tables = render.tables(RECORDS, CONFIG["sweep"], ["median", "mean", "memory", "params", "recon_error"])
-    check_golden("kernel_sweep.md", render.to_markdown(tables, render.describe_run(CONFIG, ENV), "golden run"))
+    built = tables.build_tables(RECORDS, CONFIG["sweep"], ["median", "mean", "memory", "params", "recon_error"])
+    check_golden("kernel_sweep.md", tables.to_markdown(built, tables.describe_run(CONFIG, ENV), "golden run"))
 
 
 def test_latex_golden():
-    tables = render.tables(RECORDS, CONFIG["sweep"], ["median", "params"])
-    check_golden("kernel_sweep.tex", render.to_latex(tables, render.describe_run(CONFIG, ENV)))
+    built = tables.build_tables(RECORDS, CONFIG["sweep"], ["median", "params"])
+    check_golden("kernel_sweep.tex", tables.to_latex(built, tables.describe_run(CONFIG, ENV)))
 
 
 def test_csv_golden():
-    check_golden("kernel_sweep.csv", render.to_csv(RECORDS))
+    check_golden("kernel_sweep.csv", tables.to_csv(RECORDS))
 
 
 def test_csv_is_long_format_with_required_columns():
@@ -77,7 +77,7 @@ def test_csv_is_long_format_with_required_columns():
 
 
 def test_no_kernel_layer_shown_once_per_column_with_note():
-    table = render.build_table(RECORDS, ["kernel_size"], "median", "forward")
+    table = tables.build_table(RECORDS, ["kernel_size"], "median", "forward")
     assert table.headers == ["layer", "2", "3"]
     row = next(r for r in table.rows if r[0].startswith("glow-1x1"))
     assert row[1] == row[2] == "0.051 [0.049–0.056]"
@@ -86,15 +86,15 @@ def test_no_kernel_layer_shown_once_per_column_with_note():
 
 def test_unknown_metric_is_refused():
     with pytest.raises(ValueError, match="accepted: median"):
-        render.build_table(RECORDS, ["kernel_size"], "speed", "forward")
+        tables.build_table(RECORDS, ["kernel_size"], "speed", "forward")
 
 
 @pytest.mark.parametrize(("value", "text"), [(0.01234, "0.012"), (1.234, "1.23"), (12.34, "12.3"), (1234.5, "1234")])
 def test_time_format(value, text):
-    assert render.fmt_ms(value) == text
+    assert tables.fmt_ms(value) == text
 
 
 def test_bytes_format():
-    assert render.fmt_bytes(3 << 30) == "3.00 GiB"
-    assert render.fmt_bytes(1536) == "1.50 KiB"
-    assert render.fmt_bytes(None) == "–"
+    assert tables.fmt_bytes(3 << 30) == "3.00 GiB"
+    assert tables.fmt_bytes(1536) == "1.50 KiB"
+    assert tables.fmt_bytes(None) == "–"

@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import install_plugin
+from helpers import install_plugin, only_run_dir
+from helpers import raw_records as records
+from helpers import run_bench as bench
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--repeat", "2", "--min-time", "0", "--warmup", "1", "--warmup-time", "0", "--no-progress"]
@@ -101,21 +103,6 @@ def plugins(tmp_path, monkeypatch):
     monkeypatch.undo()
     sys.modules.pop("misbehaving", None)
     registry.refresh()
-
-
-def bench(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
-
-
-def only_run_dir(out: Path) -> Path:
-    dirs = [p for p in out.iterdir() if p.is_dir()]
-    assert len(dirs) == 1, dirs
-    return dirs[0]
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
 
 
 def test_end_to_end_cpu_run(tmp_path):

@@ -7,37 +7,21 @@ import json
 import shutil
 
 import pytest
-from helpers import bench_in_process, install_plugin
+from helpers import bench_in_process, install_plugin, scale_layer_plugin
 
-from bench import executors, runs
-from bench.sweep import SweepConfig, expand
+from bench.execution import executors, runs
+from bench.records import RESULTS
+from bench.sweep.cells import SweepConfig, expand
 
 SMALL = ["--layers", "glow-1x1", "--sweep", "input_size", "--input-size", "4,6", "--batch", "2", "--channels", "4",
          "--device", "cpu", "--repeat", "3", "--min-time", "0", "--max-time", "0.5", "--warmup", "1",
          "--warmup-time", "0", "--no-plots", "--no-progress"]
 
 # A layer that reports, in its error message, the CUDA_VISIBLE_DEVICES its worker process saw.
-REPORTS_GPU = '''
-import os
-
-import torch
-from layers import InvertibleLayer, LayerInfo, Paper
-
-
-class ReportsGpu(InvertibleLayer):
-    info = LayerInfo(name="test-reports-gpu", paper=Paper("test layer", "tests", "none", 2026), exact_inverse=True,
-                     sequential="none", kernel_sizes="n/a")
-
-    def __init__(self, channels, kernel_size=None, input_size=None):
-        super().__init__(channels, kernel_size, input_size)
-        self.scale = torch.nn.Parameter(torch.ones(channels))
-
-    def _forward(self, x):
-        raise RuntimeError(f"worker saw CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}")
-
-    def _inverse(self, z):
-        return z
-'''
+REPORTS_GPU = scale_layer_plugin(
+    "ReportsGpu", "test-reports-gpu",
+    forward="raise RuntimeError(f\"worker saw CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}\")",
+    inverse="return z")
 
 
 def config_of(layers, device="cpu", sweep=(), **values) -> SweepConfig:
@@ -101,7 +85,7 @@ def test_gpu_pool_pins_each_worker_to_its_slot(tmp_path, monkeypatch):
         monkeypatch.undo()
         registry.refresh()
     assert n == 4 and len(started) == 4
-    records = [json.loads(line) for line in (run_dir / runs.RESULTS).read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / RESULTS).read_text().splitlines()]
     assert sorted(r["key"] for r in records) == sorted(c.key() for c in cells)
     for r in records:
         w = r["where"]

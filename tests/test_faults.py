@@ -36,8 +36,9 @@ from faults import (
 from helpers import bench_in_process
 
 import layers
-from bench import records, runs
-from bench.sweep import Cell, SweepConfig
+from bench import records
+from bench.execution import runs
+from bench.sweep.cells import Cell, SweepConfig
 
 
 @pytest.fixture
@@ -252,7 +253,7 @@ def test_a_worker_exits_when_its_parent_dies(tmp_path, faulty):
 
 
 def test_no_isolate_timeout_ends_the_cell_and_is_recorded_as_timeout(faulty):
-    from bench.execute import run_in_process
+    from bench.execution.runner import run_in_process
 
     t0 = time.monotonic()
     rec = run_in_process(cell("fault-hangs"), config(timeout=0.5, isolate=False))
@@ -263,7 +264,7 @@ def test_no_isolate_timeout_ends_the_cell_and_is_recorded_as_timeout(faulty):
 
 
 def test_timeout_zero_means_no_limit_with_and_without_isolation(faulty):
-    from bench.execute import run_in_process, run_isolated
+    from bench.execution.runner import run_in_process, run_isolated
 
     for run in (run_in_process, run_isolated):
         rec = run(cell("fault-good"), config(timeout=0.0, isolate=run is run_isolated, directions=["forward"]))
@@ -271,7 +272,7 @@ def test_timeout_zero_means_no_limit_with_and_without_isolation(faulty):
 
 
 def test_the_timeout_does_not_count_the_workers_start(faulty):
-    from bench.execute import run_isolated
+    from bench.execution.runner import run_isolated
 
     # Starting a worker (a fresh interpreter importing torch) takes longer than this on its own.
     rec = run_isolated(cell("fault-good"), config(timeout=0.6, directions=["forward"]))
@@ -298,7 +299,7 @@ def test_a_plugin_calling_sys_exit_at_import_breaks_nothing_else(faulty):
     ("fault-inverse-shape", {"sampling"}, "required: a tensor of shape (2, 2, 4, 4)"),
 ])
 def test_a_broken_contract_is_an_error_naming_what_is_required(faulty, layer, broken, what):
-    from bench.measure import TimingPolicy, measure_cell
+    from bench.timing.measure import TimingPolicy, measure_cell
 
     messages: list[dict] = []
     measure_cell(cell(layer), TimingPolicy(warmup=1, warmup_time=0, repeat=3, min_time=0, max_time=0.5),
@@ -313,7 +314,7 @@ def test_a_broken_contract_is_an_error_naming_what_is_required(faulty, layer, br
 
 
 def test_nan_is_nonfinite(faulty):
-    from bench.measure import TimingPolicy, measure_cell
+    from bench.timing.measure import TimingPolicy, measure_cell
 
     messages: list[dict] = []
     measure_cell(cell("fault-nan"), TimingPolicy(warmup=1, warmup_time=0, repeat=3, min_time=0, max_time=0.5),
@@ -388,7 +389,7 @@ def test_records_from_another_configuration_are_warned_about(tmp_path):
 
 
 def preset_dict(**changes):
-    from bench import presets
+    from bench.sweep import presets
 
     d = {"name": "p", "title": "t", "paper_table": "cifar", "description": "d", "scope": "layer",
          "layers": ["glow-1x1"], "sweep": [], "directions": ["forward"],
@@ -413,14 +414,14 @@ def preset_dict(**changes):
     ({"title": 3}, "title must be a non-empty string"),
 ])
 def test_a_bad_preset_value_is_refused_when_loaded(change, message):
-    from bench import presets
+    from bench.sweep import presets
 
     with pytest.raises(presets.PresetError, match=message):
         preset_dict(**change)
 
 
 def test_a_preset_path_is_refused_and_an_unknown_paper_table_before_measuring(tmp_path, monkeypatch):
-    from bench import presets
+    from bench.sweep import presets
 
     (tmp_path / "mine.toml").write_text("")
     for name in (str(tmp_path / "mine"), "../presets/cifar", "cifar.toml"):

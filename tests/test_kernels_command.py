@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from bench.opbench import Measurement
+from bench.timing.stats import Measurement
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_measurement_statistics():
-    m = Measurement("op", [5.0, 1.0, 3.0, 2.0, 4.0])
+    m = Measurement([5.0, 1.0, 3.0, 2.0, 4.0])
     assert m.median == 3.0
     assert m.p20 == pytest.approx(1.8)
     assert m.p80 == pytest.approx(4.2)

@@ -1,4 +1,4 @@
-"""Flow models (bench/models.py): exact invertibility, log-determinants, ActNorm, the mixing rule,
+"""Flow models (bench/sweep/models.py): exact invertibility, log-determinants, ActNorm, the mixing rule,
 unsupported levels, and the Inverse-Flow ablation model's parameter counts against the paper."""
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import layers
-from bench import models, paper
+from bench.sweep import models
+from bench.report import paper
 from layers import registry
-from bench.models import ActNorm, AffineCoupling, FlowModel, Squeeze
+from bench.sweep.models import ActNorm, AffineCoupling, FlowModel, Squeeze
 
 EXACT = [n for n in layers.available() if layers.info(n).exact_inverse]
 EXACT_LOGDET = [n for n in EXACT if getattr(layers.info(n), "exact_logdet", True)]

@@ -102,7 +102,7 @@ def test_the_wheel_carries_the_native_sources_and_the_paper_tables(installed):
 def test_installed_package_finds_its_data_inside_itself(installed):
     code = textwrap.dedent(
         """
-        import bench, layers, bench.locations as loc, bench.paper as paper, layers.native as native
+        import bench, layers, bench.locations as loc, bench.report.paper as paper, layers.native as native
         print(bench.__file__); print(layers.__file__); print(native.source_dir()); print(loc.paper_tables_dir())
         print(loc.checkout()); print(loc.baselines_dir()); print(",".join(paper.available_tables()))
         """

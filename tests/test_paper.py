@@ -1,4 +1,4 @@
-"""Published tables (results/paper/), presets (bench/presets/), and the paper-layout renderings
+"""Published tables (results/paper/), presets (bench/sweep/presets/), and the paper-layout renderings
 against golden files (regenerate with UPDATE_GOLDEN=1 after checking the diff)."""
 
 from __future__ import annotations
@@ -7,8 +7,9 @@ import pytest
 from helpers import check_golden
 
 import layers
-from bench import paper, presets
-from bench.report import render_paper_table
+from bench.report import paper
+from bench.sweep import presets
+from bench.report.write import render_paper_table
 
 
 # Every layer of docs/math.md §5: a published row may name one that is not merged into this checkout yet.

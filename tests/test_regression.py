@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from helpers import bench_in_process
 
-from bench import accept, regression
-from bench.regression import Samples, compare_records, median_ratio_interval
+from bench.regression import accept, statistics as regression
+from bench.regression.statistics import Samples, compare_records, median_ratio_interval
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""Merging a run's records from results.jsonl and per-task shards (bench/shards.py)."""
+"""Merging a run's records from results.jsonl and per-task shards (bench/execution/shards.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from bench import runs, shards
+from bench.execution import runs, shards
 
 
 def rec(key: str, status: str = "ok", finished: str | None = None, **extra) -> dict:

@@ -8,16 +8,14 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-from helpers import bench_in_process, install_plugin
+from helpers import bench_in_process, install_plugin, only_run_dir, run_bench, scale_layer_plugin
 
-from bench import runs
+from bench import records
+from bench.execution import runs
 
-ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--repeat", "3", "--min-time", "0", "--max-time", "0.5", "--warmup", "1", "--warmup-time", "0",
         "--no-plots", "--no-progress", "--threads", "1"]
 # The issue's acceptance sweep: 4 cells.
@@ -47,14 +45,7 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 
 def bench(*args, env=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
-
-
-def only_run_dir(out: Path) -> Path:
-    dirs = [p for p in out.iterdir() if p.is_dir()]
-    assert len(dirs) == 1, dirs
-    return dirs[0]
+    return run_bench(*args, env=env, timeout=timeout)
 
 
 def test_slurm_sweep_matches_the_local_run_and_array_tasks_get_different_gpus(tmp_path):
@@ -66,7 +57,7 @@ def test_slurm_sweep_matches_the_local_run_and_array_tasks_get_different_gpus(tm
                 "--cells-per-task", "2", "--time-limit", "10", "--out", str(tmp_path / "slurm"))
     assert res.returncode == 0, res.stderr
     local_dir, slurm_dir = only_run_dir(tmp_path / "local"), only_run_dir(tmp_path / "slurm")
-    assert not (slurm_dir / runs.RESULTS).exists()  # every record is in a task's shard
+    assert not (slurm_dir / records.RESULTS).exists()  # every record is in a task's shard
     assert sorted(p.name for p in (slurm_dir / "shards").iterdir()) == [f"{p.stem}.jsonl" for p in
                                                                       sorted((slurm_dir / "shards").iterdir())]
     local_recs, slurm_recs = runs.load_records(local_dir), runs.load_records(slurm_dir)
@@ -91,31 +82,10 @@ def test_slurm_sweep_matches_the_local_run_and_array_tasks_get_different_gpus(tm
     assert export.returncode == 0 and len(json.loads(export.stdout)) == 4 * 3
 
 
-SLOW_LAYER = '''
-import os
-import time
-
-import torch
-from layers import InvertibleLayer, LayerInfo, Paper
-
-
-class SlowForward(InvertibleLayer):
-    """Sleeps TEST_CELL_SLEEP seconds in every density call: cells of a predictable length."""
-
-    info = LayerInfo(name="test-slow", paper=Paper("test layer", "tests", "none", 2026), exact_inverse=True,
-                     sequential="none", kernel_sizes="n/a")
-
-    def __init__(self, channels, kernel_size=None, input_size=None):
-        super().__init__(channels, kernel_size, input_size)
-        self.scale = torch.nn.Parameter(torch.ones(channels))
-
-    def _forward(self, x):
-        time.sleep(float(os.environ.get("TEST_CELL_SLEEP", "0")))
-        return x * self.scale[:, None, None], (x.shape[2] * x.shape[3] * self.scale.log().sum()).expand(x.shape[0])
-
-    def _inverse(self, z):
-        return z / self.scale[:, None, None]
-'''
+SLOW_LAYER = scale_layer_plugin(
+    "SlowForward", "test-slow", doc="Sleeps TEST_CELL_SLEEP seconds in every density call: cells of a predictable length.",
+    forward='time.sleep(float(os.environ.get("TEST_CELL_SLEEP", "0")))\n'
+            'return x * self.scale[:, None, None], (x.shape[2] * x.shape[3] * self.scale.log().sum()).expand(x.shape[0])')
 
 
 def test_time_limit_keeps_finished_cells_and_resume_submits_only_the_lost(tmp_path, monkeypatch):
@@ -150,7 +120,7 @@ def test_time_limit_keeps_finished_cells_and_resume_submits_only_the_lost(tmp_pa
     assert again.returncode == 0, again.stderr
     assert "submitted SLURM job array" in again.stderr and f": {len(lost)} cells in 1 tasks" in again.stderr
     conflicts: list = []
-    from bench.shards import read_records
+    from bench.execution.shards import read_records
 
     final = read_records(run_dir, conflicts)
     assert conflicts == []

@@ -8,9 +8,11 @@ import threading
 import pytest
 from helpers import install_plugin
 
-from bench import measure, render
-from bench.execute import merge_processes
-from bench.sweep import Cell
+from bench.execution.runner import merge_processes
+from bench.report import tables
+from bench.sweep.cells import Cell
+from bench.timing import measure
+from bench.timing.clock import Clock
 
 # ---------------------------------------------------------------------------------------------
 # The instability detector, on synthetic samples
@@ -47,7 +49,7 @@ def test_a_quiet_measurement_records_its_usage_and_is_stable():
     import torch
 
     x = torch.randn(64, 64)
-    m = measure.time_call(lambda: x @ x, measure._Clock(torch.device("cpu"), False),
+    m = measure.time_call(lambda: x @ x, Clock(torch.device("cpu"), False),
                           measure.TimingPolicy(warmup=2, warmup_time=0.0, repeat=20, min_time=0.0))
     for key in ("wall_s", "cpu_s", "thread_cpu_s", "involuntary_switches", "timed_s"):
         assert key in m.usage
@@ -92,19 +94,19 @@ def _cell(layer="glow-1x1"):
 def test_tables_mark_unstable_times_and_warn_of_a_busy_machine():
     merged = merge_processes([_process([24.0] * 3, True), _process([20.0] * 3, True), _process([1.1] * 3)])
     merged["cell"] = _cell()
-    table = render.build_table([merged], [], "median", "forward")
-    assert table.rows[0][1] == f"20.0 [1.10–24.0] {render.UNSTABLE_MARK}"
+    table = tables.build_table([merged], [], "median", "forward")
+    assert table.rows[0][1] == f"20.0 [1.10–24.0] {tables.UNSTABLE_MARK}"
     assert "processes" in table.title
-    assert any(n.startswith(f"{render.UNSTABLE_MARK} glow-1x1: unstable in 2 of 3 processes") for n in table.notes)
+    assert any(n.startswith(f"{tables.UNSTABLE_MARK} glow-1x1: unstable in 2 of 3 processes") for n in table.notes)
     config = {"device": "cpu", "dtype": "float32", "sweep": [], "repeat": 5, "min_time": 0.1, "warmup": 3,
               "warmup_time": 0.1, "processes": 3,
               "values": {"input_size": [16], "batch": [8], "kernel_size": [3], "channels": [12]}}
     env = {"cpu": {"model": "Test CPU", "logical_cpus": 2}, "load_average": {"start": 3.5, "end": 4.0}}
-    lines = render.describe_run(config, env)
+    lines = tables.describe_run(config, env)
     assert lines[0].startswith("Warning: the machine was busy (1-minute load average 3.5 at the start, 4.0 at the end")
     assert "3 fresh worker processes per cell" in " ".join(lines)
     quiet = {**env, "load_average": {"start": 0.3, "end": 1.4}}
-    assert not render.describe_run(config, quiet)[0].startswith("Warning")
+    assert not tables.describe_run(config, quiet)[0].startswith("Warning")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +130,7 @@ class InverseFlowTwice(InverseFlow):
 
 @needs_valgrind
 def test_instruction_counts_repeat_and_see_doubled_work(tmp_path, monkeypatch):
-    from bench.instructions import count_cells
+    from bench.execution.instructions import count_cells
 
     install_plugin(tmp_path, monkeypatch, "twice_plugin", _TWICE, "twice-plugin",
                    {"inverse-flow-twice": "twice_plugin:InverseFlowTwice"})
@@ -155,7 +157,7 @@ def test_instruction_counts_repeat_and_see_doubled_work(tmp_path, monkeypatch):
 
 
 def test_a_missing_valgrind_says_how_to_install_it(monkeypatch):
-    from bench import instructions
+    from bench.execution import instructions
     from helpers import bench_in_process
 
     monkeypatch.setattr(instructions.shutil, "which", lambda name: None)

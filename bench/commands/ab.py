@@ -21,8 +21,9 @@ import json
 import os
 import sys
 
-from ..cli import UsageError
-from . import _gate
+from ..errors import UsageError
+from ..git import GitError, repository, resolve_revision
+from . import gate
 from .run import add_measure_arguments
 
 HELP = "measure a base revision and the working tree interleaved on this machine, then compare (the CI gate)"
@@ -37,7 +38,7 @@ DEFAULT_ROUNDS = 5
 """Rounds per tree. Each round is one worker process per cell and tree (about 2 s of start-up on
 a CPU), and the comparison's unit is the process: a t interval over 5 round medians a side is
 narrow enough to catch a 2× slowdown of a steady cell; over 2 it has about 1 degree of freedom
-and only a slowdown far beyond the spread between processes clears it (bench/regression.py)."""
+and only a slowdown far beyond the spread between processes clears it (bench/regression/statistics.py)."""
 
 FEW_ROUNDS = 3
 """Below this many rounds, ab says that its interval will be very wide."""
@@ -49,13 +50,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("the comparison")
     g.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, metavar="N",
                    help=f"interleaved rounds per revision, one process each (default {DEFAULT_ROUNDS})")
-    g.add_argument("--threshold", type=_gate.fraction, metavar="FRACTION|N%",
+    g.add_argument("--threshold", type=gate.fraction, metavar="FRACTION|N%",
                    help="minimum slowdown that fails (default: 10%% on a GPU, 25%% on a CPU)")
     g.add_argument("--out", metavar="DIR", default="results/runs",
                    help="folder in which the pair of run folders is created (default results/runs)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _gate.add_accept_arguments(p)
-    _gate.add_report_arguments(p)
+    gate.add_accept_arguments(p)
+    gate.add_report_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -66,29 +67,30 @@ def main(args: argparse.Namespace) -> int:
                          "and the spread between processes needs at least two a side (default "
                          f"{DEFAULT_ROUNDS})")
 
-    from .. import ab, runs
-    from ..comparison_report import markdown, to_json
-    from ..environment import collect
-    from ..regression import compare_records
-    from ..report import write_tables
-    from ..sweep import expand
+    from ..regression import ab
+    from ..execution import runs
+    from ..report.comparison import markdown, to_json
+    from ..execution.environment import collect
+    from ..regression.statistics import compare_records
+    from ..report.write import write_tables
+    from ..sweep.cells import expand
     from .compare import describe, report
     from .run import resolve_config
 
     try:
-        repo = ab.repository()
-        commit = ab.resolve_revision(repo, args.base)
-    except ab.GitError as exc:
+        repo = repository()
+        commit = resolve_revision(repo, args.base)
+    except GitError as exc:
         raise UsageError(str(exc)) from None
-    markers = _gate.markers(args, repo)
+    markers = gate.markers(args, repo)
     config = resolve_config(args)
     if config.device == "cpu" and args.threads is None:
         config.threads = 1  # see the module docstring
     counting = config.metric == "instructions"
     if counting:
-        from .run import _check_instructions
+        from .run import check_instructions
 
-        _check_instructions(config)
+        check_instructions(config)
     cells, skipped = ab.split_supported(expand(config), config.directions)
     if not cells:
         raise UsageError("no cell to measure: " + "; ".join(f"{c.label()}: {why}" for c, why in skipped))
@@ -130,7 +132,7 @@ def main(args: argparse.Namespace) -> int:
             else:
                 print("interrupted", file=sys.stderr)
             return 130
-        except ab.GitError as exc:
+        except GitError as exc:
             raise UsageError(str(exc)) from None
 
     pair = trees[0].run_dir.parent
@@ -158,15 +160,15 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _measure_rounds(args, cells, config, trees, got) -> None:
-    from .. import ab
-    from .run import _progress
+    from ..regression import ab
+    from .run import progress_bar
 
     _warn_if_busy(config.device)
     if args.rounds < FEW_ROUNDS:
         print(f"note: with {args.rounds} rounds a side the interval between processes is very wide; only "
               f"a slowdown far beyond the spread between processes can fail (use --rounds "
               f"{DEFAULT_ROUNDS} for a gate)", file=sys.stderr)
-    bar = _progress(len(cells) * args.rounds * 2, 0, args.no_progress)
+    bar = progress_bar(len(cells) * args.rounds * 2, 0, args.no_progress)
     try:
         ab.measure_interleaved(
             cells, config, trees, args.rounds, got,

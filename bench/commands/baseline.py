@@ -6,10 +6,10 @@
 ``results/baselines/<device>-<machine class>.json`` (commit that file). A ratio of two kernels
 holds only for machines that run the same kind of code (the same vendor and family, and the same
 SIMD paths in our kernel and in oneDNN), so baselines are kept per machine class
-(``bench.baselines.machine_class``); on a class with none recorded, ``check`` says so and passes. ``check`` measures the same ratios again
+(``bench.regression.baselines.machine_class``); on a class with none recorded, ``check`` says so and passes. ``check`` measures the same ratios again
 and exits 1 when one exceeds ``baseline × (1 + threshold)`` in every one of three attempts,
 naming the ratio, the cell and both values, unless a ``--accept``/``--accept-from`` marker
-accepts it. How and why: ``bench/baselines.py``.
+accepts it. How and why: ``bench/regression/baselines.py``.
 
 Re-record after a change that moves the ratios on purpose (native solve kernels, a new layer,
 an accepted slowdown): ``python -m bench baseline record`` and commit the file.
@@ -22,8 +22,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli import UsageError
-from . import _gate
+from ..errors import UsageError
+from . import gate
 
 HELP = "record or check the committed ratio baselines (solve ÷ conv2d, layer ÷ glow-1x1)"
 DESCRIPTION = __doc__ + """
@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         q.add_argument("--quiet", action="store_true", help="no progress lines")
     rec.add_argument("--layers", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], metavar="NAMES",
                      help="layers to divide by glow-1x1 (default: every available layer)")
-    _gate.add_accept_arguments(chk)
+    gate.add_accept_arguments(chk)
     chk.add_argument("--markdown", metavar="FILE", help="also write the report as Markdown to FILE")
 
 
@@ -74,8 +74,8 @@ def main(args: argparse.Namespace) -> int:
 def _record(args: argparse.Namespace) -> int:
     import layers
 
-    from .. import baselines
-    from ..environment import collect
+    from ..regression import baselines
+    from ..execution.environment import collect
 
     device = _device(args)
     names = args.layers or layers.available()
@@ -100,8 +100,8 @@ def _record(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from .. import baselines
-    from ..ab import repository
+    from ..regression import baselines
+    from ..git import repository
 
     device = _device(args)
     machine = baselines.machine_class(device)
@@ -128,7 +128,7 @@ def _check(args: argparse.Namespace) -> int:
         repo = repository()
     except Exception:  # noqa: BLE001 - markers from a commit need git; explicit --accept does not
         repo = "."
-    markers = _gate.markers(args, repo)
+    markers = gate.markers(args, repo)
     recorded = doc.get("recorded_utc", "?")
     cpu = ((doc.get("environment") or {}).get("cpu") or {}).get("model", "?")
     print(f"checking {len(ratios)} ratio baselines from {path} (recorded {recorded} on {cpu})", file=sys.stderr)

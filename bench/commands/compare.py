@@ -2,7 +2,7 @@
 
 For every cell both runs measured (matched by shape, layer, device, dtype and options) and every
 direction: the ratio new/base with a confidence interval, a p-value, and a verdict (slower,
-faster, same, broken, …; the statistics and the policy are in ``bench/regression.py``). Runs
+faster, same, broken, …; the statistics and the policy are in ``bench/regression/statistics.py``). Runs
 made by ``bench ab`` hold several worker processes a side and are compared process by process;
 two ``bench run`` folders hold one process per cell and are compared sample by sample, which
 shows whether the two processes differed, not whether the code did. Prints a Markdown summary for a pull-request comment. Exit status 1
@@ -20,8 +20,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli import UsageError
-from . import _gate
+from ..errors import UsageError
+from . import gate
 
 HELP = "compare two runs cell by cell: median ratio, confidence interval, verdict (exit 1 on a regression)"
 DESCRIPTION = __doc__ + """
@@ -35,10 +35,10 @@ examples:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("base_run", metavar="BASE_RUN", help="the reference run folder")
     p.add_argument("new_run", metavar="NEW_RUN", help="the run folder to judge")
-    p.add_argument("--threshold", type=_gate.fraction, metavar="FRACTION|N%",
+    p.add_argument("--threshold", type=gate.fraction, metavar="FRACTION|N%",
                    help="minimum slowdown that fails (default: 10%% for GPU cells, 25%% for CPU cells)")
-    _gate.add_accept_arguments(p)
-    _gate.add_report_arguments(p)
+    gate.add_accept_arguments(p)
+    gate.add_report_arguments(p)
 
 
 def describe(run_dir: Path, env: dict) -> dict:
@@ -47,7 +47,7 @@ def describe(run_dir: Path, env: dict) -> dict:
 
 def report(comparison, base_desc: dict, new_desc: dict, args: argparse.Namespace, notes: list[str] | None = None) -> int:
     """Print and write the reports of a comparison; the exit status."""
-    from ..comparison_report import markdown, summary_lines, to_json
+    from ..report.comparison import markdown, summary_lines, to_json
 
     if not comparison.rows:
         raise UsageError("the two runs have no cell in common: nothing to compare")
@@ -67,10 +67,10 @@ def report(comparison, base_desc: dict, new_desc: dict, args: argparse.Namespace
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..regression import compare_records
-    from ..report import load_run
+    from ..regression.statistics import compare_records
+    from ..report.write import load_run
 
     base_dir, _, base_env, base_records = load_run(args.base_run)
     new_dir, _, new_env, new_records = load_run(args.new_run)
-    comparison = compare_records(base_records, new_records, args.threshold, _gate.markers(args))
+    comparison = compare_records(base_records, new_records, args.threshold, gate.markers(args))
     return report(comparison, describe(base_dir, base_env), describe(new_dir, new_env), args)

@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..environment import collect
+    from ..execution.environment import collect
 
     env = collect()
     if args.json:

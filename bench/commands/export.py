@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli import UsageError
+from ..errors import UsageError
 
 HELP = "export a run's timings as github-action-benchmark or pytest-benchmark JSON"
 DESCRIPTION = __doc__ + """
@@ -23,7 +23,7 @@ examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..export import FORMATS
+    from ..report.export import FORMATS
 
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder")
     p.add_argument("--format", choices=FORMATS, default="github-action-benchmark",
@@ -32,8 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..export import export
-    from ..report import load_run
+    from ..report.export import export
+    from ..report.write import load_run
 
     _, _, env, records = load_run(args.run_dir)
     try:

@@ -395,7 +395,7 @@ def _run_compile(case, device, checks):
 
 
 def _run_timing(case, device, checks):
-    from bench.opbench import Shape, measure_shape
+    from ..timing.kernels import Shape, measure_shape
 
     b, c, h, w = case["shape"]
     shape = Shape(str(device), case["dtype"], b, c, h, w, case["k"], "TL")
@@ -634,8 +634,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"python -m bench gpu-check: no GPU here ({why}; torch {torch.__version__}): nothing to check",
               file=sys.stderr)
         return 2
-    from bench import environment
-    from bench.runs import utc_now
+    from ..execution import environment
+    from ..execution.runs import utc_now
     from layers import native
 
     t_start = time.perf_counter()

@@ -7,7 +7,7 @@ medians, p20–p80, mean ± std, the arithmetic floor of the machine (an estimat
 the ratios of the speed goals (solve ÷ conv2d, solve+backward ÷ conv2d, reference ÷ native,
 layer ÷ conv2d, one thread ÷ all). ``-B``, ``-C`` and ``-k`` take comma-separated lists: every
 combination is measured and a sweep table of the ratios per shape follows. Measuring is
-:mod:`bench.opbench`; this module only parses and renders.
+:mod:`bench.timing.kernels`; this module only parses and renders.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def render_markdown(env: dict, results: list) -> str:
     """The table(s) of a run, with the environment it came from."""
     from tabulate import tabulate
 
-    from bench.opbench import OPS
+    from ..timing.kernels import OPS
 
     lines = [f"`{env['command']}`", ""]
     hw = env.get("gpu") or env["cpu"]
@@ -96,7 +96,7 @@ def render_markdown(env: dict, results: list) -> str:
         for name, m in res.measurements.items():
             floor = res.floors.get(name)
             rows.append([name, _us(m.median), f"{_us(m.p20)} – {_us(m.p80)}", f"{_us(m.mean)} ± {_us(m.std)}",
-                         len(m.samples), _us(floor) if floor else "—",
+                         m.n, _us(floor) if floor else "—",
                          f"{m.median / floor:.1f}×" if floor else "—", OPS[name]])
         lines.append(tabulate(rows, headers=["op", "median", "p20 – p80", "mean ± std", "n", "floor (est.)",
                                              "÷ floor", "what"], tablefmt="github"))
@@ -123,7 +123,7 @@ def render_markdown(env: dict, results: list) -> str:
 
 def _positive_list(value: str, flag: str, what: str) -> list[int]:
     """A positive integer or a comma-separated list of them, else a one-line usage error."""
-    from bench.cli import UsageError
+    from ..errors import UsageError
 
     try:
         out = [int(v) for v in value.split(",")]
@@ -139,8 +139,8 @@ def _positive_list(value: str, flag: str, what: str) -> list[int]:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from bench.cli import UsageError
-    from bench.opbench import Shape, environment, machine_peak, measure_shape
+    from ..errors import UsageError
+    from ..timing.kernels import Shape, environment, machine_peak, measure_shape
     from layers import native
 
     device = torch.device(args.device)

@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..report import write_plots
+    from ..report.write import write_plots
 
     written = write_plots(args.run_dir, args.out)
     if not written:

@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def print_presets(verbose: bool = False) -> int:
-    from .. import presets
+    from ..sweep import presets
 
     for p in presets.load_all():
         layers = p.layers if p.layers == presets.ALL else ", ".join(p.layers)

@@ -4,8 +4,8 @@ A sweep expands into cells; each cell is measured in its own process (forward, s
 train time, peak memory, parameters, reconstruction error) and appended to the run folder's
 ``results.jsonl`` as soon as it finishes; tables and plots are rendered at the end.
 
-``--scope model`` times whole Glow-style flows around each layer (bench/models.py) instead of
-single layers; ``--preset NAME`` runs the spec file of one published table (bench/presets/) and
+``--scope model`` times whole Glow-style flows around each layer (bench/sweep/models.py) instead of
+single layers; ``--preset NAME`` runs the spec file of one published table (bench/sweep/presets/) and
 renders ours beside the published numbers (``paper.md``, ``paper.tex``).
 """
 
@@ -19,8 +19,9 @@ import signal
 import sys
 from pathlib import Path
 
-from ..cli import UsageError
-from ..sweep import DIRECTIONS, MIXING_MODES, SCOPES, SWEEPABLE
+from ..arguments import positive_int, positive_ints
+from ..errors import UsageError
+from ..sweep.cells import DIRECTIONS, MIXING_MODES, SCOPES, SWEEPABLE
 
 HELP = "measure layers over a sweep of input size, batch and/or kernel size"
 DESCRIPTION = __doc__ + """
@@ -58,28 +59,14 @@ move, and a spread to judge it by; ``compare`` and ``ab`` compare process median
 _MODEL_STEPS_DEFAULT = {"cpu": 4, "cuda": 16}
 
 
-def _positive_ints(text: str) -> list[int]:
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            value = int(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{part!r} is not an integer") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-        out.append(value)
-    return out
-
-
 def _sizes(text: str) -> list[int | list[int]]:
     out: list[int | list[int]] = []
     for part in text.split(","):
         if "x" in part:
-            h, w = (_positive_ints(v)[0] for v in part.split("x", 1))
+            h, w = (positive_int(v) for v in part.split("x", 1))
             out.append(h if h == w else [h, w])
         else:
-            out.extend(_positive_ints(part))
+            out.extend(positive_ints(part))
     return out
 
 
@@ -124,7 +111,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="finish an interrupted run, skipping its finished cells (settings come from RUN_DIR)")
     o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from ..executors import add_arguments as add_executor_arguments
+    from ..execution.executors import add_arguments as add_executor_arguments
 
     add_executor_arguments(p)
 
@@ -138,11 +125,11 @@ def add_measure_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated layer names (default: every available layer; see `python -m bench list`)")
     g.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     g.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"), help="default float32")
-    g.add_argument("--channels", type=_positive_ints, metavar="C[,C...]", help="channel count(s) (default 12)")
-    g.add_argument("--batch", type=_positive_ints, metavar="B[,B...]",
+    g.add_argument("--channels", type=positive_ints, metavar="C[,C...]", help="channel count(s) (default 12)")
+    g.add_argument("--batch", type=positive_ints, metavar="B[,B...]",
                    help="batch size(s): the grid if swept, else the fixed value (default 8 on CPU, 100 on GPU)")
     g.add_argument("--input-size", type=_sizes, metavar="N|HxW[,...]", help="image size(s) (default 32)")
-    g.add_argument("--kernel-size", type=_positive_ints, metavar="K[,K...]", help="kernel size(s) (default 3)")
+    g.add_argument("--kernel-size", type=positive_ints, metavar="K[,K...]", help="kernel size(s) (default 3)")
     g.add_argument("--full", action="store_true",
                    help="the papers' grids (input 16…256, batch 1…128, kernel 2…11) even on a CPU")
     g.add_argument("--directions", type=_names, metavar="D[,D...]",
@@ -150,20 +137,20 @@ def add_measure_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--option", type=_option, action="append", metavar="LAYER:KEY=VALUE",
                    help="a layer construction option, e.g. woodbury:variant=me (repeatable)")
 
-    m = p.add_argument_group("flow models (--scope model; see bench/models.py)")
+    m = p.add_argument_group("flow models (--scope model; see bench/sweep/models.py)")
     m.add_argument("--scope", choices=SCOPES,
                    help="layer: time single layers (default); model: time a Glow-style flow built around each layer "
                         "(then --channels is the image's channel count, default 3, and --input-size the image's size)")
-    m.add_argument("--levels", type=lambda s: _positive_ints(s)[0], metavar="L", help="model levels (default 2)")
-    m.add_argument("--steps", type=lambda s: _positive_ints(s)[0], metavar="K",
+    m.add_argument("--levels", type=positive_int, metavar="L", help="model levels (default 2)")
+    m.add_argument("--steps", type=positive_int, metavar="K",
                    help="model steps per level (default 16 on a GPU, 4 on a CPU)")
-    m.add_argument("--width", "--hidden-width", dest="hidden_width", type=lambda s: _positive_ints(s)[0],
+    m.add_argument("--width", "--hidden-width", dest="hidden_width", type=positive_int,
                    metavar="W", help="hidden channels of the coupling networks (default 128)")
     m.add_argument("--mixing", choices=MIXING_MODES,
                    help="1x1 mixing after the layer: auto (where the layer does not mix all channels; default), "
                         "always, never")
 
-    r = p.add_argument_group("presets: the published tables as spec files (bench/presets/)")
+    r = p.add_argument_group("presets: the published tables as spec files (bench/sweep/presets/)")
     r.add_argument("--preset", metavar="NAME",
                    help="run a preset (settings given on the command line override it); 'all' runs every preset, "
                         "one run folder each")
@@ -173,24 +160,24 @@ def add_measure_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--list-presets", action="store_true", help="list the presets and exit")
 
     t = p.add_argument_group("how to measure")
-    t.add_argument("--repeat", type=lambda s: _positive_ints(s)[0], metavar="N",
+    t.add_argument("--repeat", type=positive_int, metavar="N",
                    help="minimum samples per direction (default 5 on CPU, 20 on GPU)")
     t.add_argument("--min-time", type=float, metavar="S", help="minimum sampling time per direction, seconds")
     t.add_argument("--max-time", type=float, metavar="S",
                    help="stop sampling a slow direction after S seconds (once 3 samples exist)")
-    t.add_argument("--warmup", type=lambda s: _positive_ints(s)[0], metavar="N", help="minimum warm-up calls (default 3)")
+    t.add_argument("--warmup", type=positive_int, metavar="N", help="minimum warm-up calls (default 3)")
     t.add_argument("--warmup-time", type=float, metavar="S",
                    help="minimum warm-up time per process, seconds (default 0.1 on a CPU, 0.2 on a GPU)")
     t.add_argument("--timeout", type=float, metavar="S",
                    help="timeout of each worker process of a cell, not counting its start, in seconds (default 300; "
                         "0: no limit)")
-    t.add_argument("--processes", type=lambda s: _positive_ints(s)[0], metavar="N",
+    t.add_argument("--processes", type=positive_int, metavar="N",
                    help=f"fresh worker processes per cell, each warmed up and sampled on its own; tables show the "
                         f"median over processes and their spread (default {PROCESSES_DEFAULT})")
     t.add_argument("--metric", choices=("time", "instructions"),
                    help="time (default), or instructions: instructions executed per call, counted under valgrind's "
                         "callgrind, every cell in one process (deterministic: the CPU regression gate's metric)")
-    t.add_argument("--threads", type=lambda s: _positive_ints(s)[0], metavar="N",
+    t.add_argument("--threads", type=positive_int, metavar="N",
                    help="torch CPU threads, pinned in every cell (default 1 on a CPU: see docs/measurement.md on measuring "
                         "multi-threaded scaling)")
     t.add_argument("--seed", type=int, help="random seed of inputs and initial weights (default 0)")
@@ -211,7 +198,7 @@ def resolve_config(args: argparse.Namespace, preset_name: str | None = None):
 
     import layers
 
-    from ..sweep import MODEL_DEFAULTS, SweepConfig, default_values
+    from ..sweep.cells import MODEL_DEFAULTS, SweepConfig, default_values
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -220,7 +207,7 @@ def resolve_config(args: argparse.Namespace, preset_name: str | None = None):
     if preset_name:
         preset = _load_preset(preset_name)
         base = preset.settings(quick=args.quick)
-        from ..paper import available_tables
+        from ..report.paper import available_tables
 
         # Rendered after the sweep: found out now, not after hours of measuring.
         if preset.paper_table not in available_tables():
@@ -319,7 +306,7 @@ def _check_solver() -> None:
 
 
 def _load_preset(name: str):
-    from .. import presets
+    from ..sweep import presets
 
     try:
         return presets.load(name)
@@ -354,7 +341,7 @@ def main(args: argparse.Namespace) -> int:
     if not args.resume:
         _check_args(args)
     if args.preset == "all":
-        from .. import presets
+        from ..sweep import presets
 
         if args.resume:
             raise UsageError("--preset all cannot be resumed as one run; resume each preset's run folder")
@@ -369,7 +356,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def run_one(args: argparse.Namespace, preset_name: str | None) -> int:
-    from .. import runs
+    from ..execution import runs
 
     if args.resume:
         given = [f"--{k.replace('_', '-')}" for k in _SWEEP_SETTINGS if getattr(args, k, None) not in (None, False)]
@@ -390,11 +377,11 @@ def run_one(args: argparse.Namespace, preset_name: str | None) -> int:
 
 
 def _run_one(args: argparse.Namespace, preset_name: str | None, terminated: list[int]) -> int:
-    from .. import runs
-    from ..environment import collect
-    from ..sweep import SweepConfig
+    from ..execution import runs
+    from ..execution.environment import collect
+    from ..sweep.cells import SweepConfig
 
-    from .. import executors
+    from ..execution import executors
 
     lock = None
     try:
@@ -414,7 +401,7 @@ def _run_one(args: argparse.Namespace, preset_name: str | None, terminated: list
         else:
             config = resolve_config(args, preset_name)
             if config.metric == "instructions":
-                _check_instructions(config)
+                check_instructions(config)
             executor, executor_options = executors.resolve(args, None)
             if args.dry_run:
                 return executors.dry_run(_expand(config), config, None, set(), executor_options)
@@ -437,17 +424,17 @@ def _measure(args: argparse.Namespace, config, env: dict, run_dir: Path, termina
              executor: str, executor_options) -> int:
     """Measure the cells of ``config`` not yet in ``run_dir`` (whose lock the caller holds), then
     render the tables."""
-    from .. import executors
+    from ..execution import executors
     from .. import records as records_mod
-    from .. import runs
-    from ..report import write_plots, write_tables
-    from ..shards import LOST, finished_keys, read_records
+    from ..execution import runs
+    from ..report.write import write_plots, write_tables
+    from ..execution.shards import LOST, finished_keys, read_records
 
     cells = _expand(config)
     existing = runs.load_records(run_dir)
     foreign = records_mod.foreign(existing, config.to_json())
     if foreign:
-        print(f"warning: {len(foreign)} record(s) in {run_dir / runs.RESULTS} do not belong to this run's "
+        print(f"warning: {len(foreign)} record(s) in {run_dir / records_mod.RESULTS} do not belong to this run's "
               f"configuration (copied from another run?), e.g. {foreign[0]['key']}", file=sys.stderr)
     done = finished_keys(existing)  # every recorded cell but the lost ones
     todo = [c for c in cells if c.key() not in done]
@@ -472,7 +459,7 @@ def _measure(args: argparse.Namespace, config, env: dict, run_dir: Path, termina
           f"{f'{config.processes} worker process(es) per cell' if config.isolate else 'in-process'}, "
           f"executor {executor}", file=sys.stderr)
 
-    bar = _progress(len(cells), len(cells) - len(todo), args.no_progress)
+    bar = progress_bar(len(cells), len(cells) - len(todo), args.no_progress)
     interrupted = None
     try:
         executors.run(executor, executor_options, cells, config, run_dir, done,
@@ -494,7 +481,7 @@ def _measure(args: argparse.Namespace, config, env: dict, run_dir: Path, termina
     if not args.no_plots and records:
         write_plots(run_dir)
     if records:
-        from ..report import markdown_report, paper_report
+        from ..report.write import markdown_report, paper_report
 
         print(markdown_report(runs.load_config(run_dir), env, records, metrics=["median"]))
         if config.preset:
@@ -517,8 +504,8 @@ def _load_average() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
-def _check_instructions(config) -> None:
-    from ..instructions import InstructionsUnavailable, require_valgrind
+def check_instructions(config) -> None:
+    from ..execution.instructions import InstructionsUnavailable, require_valgrind
 
     if config.device != "cpu":
         raise UsageError("--metric instructions counts CPU instructions; use it with --device cpu")
@@ -557,7 +544,7 @@ class _sigterm_as_interrupt:
 
 
 def _expand(config):
-    from ..sweep import expand
+    from ..sweep.cells import expand
 
     try:
         return expand(config)
@@ -567,7 +554,7 @@ def _expand(config):
 
 def _finished(run_dir) -> set[str]:
     """Cells that --resume skips: every recorded cell but the lost ones."""
-    from ..shards import finished_keys, read_records
+    from ..execution.shards import finished_keys, read_records
 
     return finished_keys(read_records(run_dir, conflicts=[]))
 
@@ -586,7 +573,7 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, initial: int, disabled: bool):
+def progress_bar(total: int, initial: int, disabled: bool):
     if disabled:
         return _NoBar()
     from tqdm import tqdm

@@ -13,7 +13,7 @@ HELP = "render a run's tables (Markdown, CSV or LaTeX) from its records, or besi
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..render import METRICS
+    from ..report.tables import METRICS
 
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder, e.g. results/runs/20261122T101500Z_abc1234")
     parser.add_argument("--format", choices=("md", "csv", "latex"), default="md", help="output format (default md)")
@@ -30,16 +30,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .. import render
-    from ..cli import UsageError
-    from ..report import load_run, markdown_report, render_paper_table, write_tables
+    from ..report import tables
+    from ..errors import UsageError
+    from ..report.write import load_run, markdown_report, render_paper_table, write_tables
 
     path, config, env, records = load_run(args.run_dir)
     if not records:
         print(f"{path}: no finished cells yet", file=sys.stderr)
         return 1
     if args.paper:
-        from ..paper import PaperTableError
+        from ..report.paper import PaperTableError
 
         table_id = args.paper
         if table_id == "preset":
@@ -51,10 +51,10 @@ def main(args: argparse.Namespace) -> int:
         except PaperTableError as exc:
             raise UsageError(str(exc)) from None
     elif args.format == "csv":
-        sys.stdout.write(render.to_csv(records))
+        sys.stdout.write(tables.to_csv(records))
     elif args.format == "latex":
-        sys.stdout.write(render.to_latex(render.tables(records, config.get("sweep", []), args.metric),
-                                         render.describe_run(config, env)))
+        sys.stdout.write(tables.to_latex(tables.build_tables(records, config.get("sweep", []), args.metric),
+                                         tables.describe_run(config, env)))
     else:
         sys.stdout.write(markdown_report(config, env, records, metrics=args.metric))
     if args.write:

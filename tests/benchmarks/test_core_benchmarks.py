@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 import layers
-from bench.measure import direction_calls
-from layers.causal import assemble_weight, causal_padding, solve
+from bench.timing.kernels import Shape, solve_inputs
+from bench.timing.measure import direction_calls
+from layers.causal import solve
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # Small on a CPU (the pure-PyTorch solve takes milliseconds there), the papers' batch on a GPU.
@@ -50,13 +51,10 @@ def _one_thread():
 
 
 def _solve_inputs(device: str, size: int):
-    g = torch.Generator().manual_seed(0)
-    c, k, b = CHANNELS, KERNEL, SHAPES[device]["batch"]
-    off = torch.randn(c, c, k * k - 1, generator=g) * 0.1
-    lower = torch.randn(c * (c - 1) // 2, generator=g) * 0.1
-    weight = assemble_weight(off, lower, None, "TL").to(device)  # unit lower-triangular centre
-    y = torch.randn(b, c, size, size, generator=g).to(device)
-    return y, weight
+    """``y``, the weight and the padded ``y`` of the solve-against-conv2d problem (as ``bench kernels``
+    and the ratio baselines build it)."""
+    shape = Shape(device, "float32", SHAPES[device]["batch"], CHANNELS, size, size, KERNEL, "TL")
+    return solve_inputs(shape, scale=0.1)
 
 
 def _size_params():
@@ -65,7 +63,7 @@ def _size_params():
 
 @pytest.mark.parametrize(("device", "size"), _size_params())
 def test_solve(benchmark, device, size):
-    y, weight = _solve_inputs(device, size)
+    y, weight, _ = _solve_inputs(device, size)
     benchmark.group = f"solve vs conv2d {device} {size}x{size}"
     with torch.no_grad():
         x = benchmark(solve, y, weight, "TL", unit_diagonal=True, assume_triangular=True)
@@ -75,8 +73,7 @@ def test_solve(benchmark, device, size):
 @pytest.mark.parametrize(("device", "size"), _size_params())
 def test_conv2d(benchmark, device, size):
     """The yardstick of the solve: the convolution it inverts, on the already padded input."""
-    y, weight = _solve_inputs(device, size)
-    y_padded = F.pad(y, causal_padding(KERNEL, "TL"))
+    y, weight, y_padded = _solve_inputs(device, size)
     benchmark.group = f"solve vs conv2d {device} {size}x{size}"
     with torch.no_grad():
         out = benchmark(F.conv2d, y_padded, weight)

@@ -1,0 +1,1 @@
+"""Running cells: isolated worker processes, the fork server, executors, run folders and the environment."""

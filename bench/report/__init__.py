@@ -1,0 +1,1 @@
+"""Rendering a run's records: tables, plots, the papers' layouts, exports, comparisons."""

@@ -1,0 +1,1 @@
+"""What is measured: the sweep's axes and cells, the presets, and the flow models built around a layer."""
