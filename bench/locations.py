@@ -19,6 +19,7 @@ the checkout's ``results/baselines/``, or the working directory's when bench is 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 PACKAGE = Path(__file__).resolve().parent
 TREE = PACKAGE.parent  # the checkout, or site-packages when installed
@@ -35,6 +36,21 @@ def paper_tables_dir() -> Path:
     the checkout's ``results/paper``."""
     installed = PACKAGE / "_paper"
     return installed if installed.is_dir() else TREE / "results" / "paper"
+
+
+def paper_table_ids(directory: Path | None = None) -> list[str]:
+    """The ids of the published tables (their file names, ``<id>.toml``)."""
+    return sorted(p.stem for p in Path(directory or paper_tables_dir()).glob("*.toml"))
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML data file (a published table, a preset) as a dict."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    with open(path, "rb") as fh:
+        return tomllib.load(fh)
 
 
 def baselines_dir() -> Path:

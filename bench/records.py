@@ -14,6 +14,7 @@ Only the required fields are checked, so records may carry more (per-process fie
 A record stores what rendering it later needs — ``params``, ``recon_error``, ``exact_inverse``
 (whether the layer inverts exactly) — so an old run renders the same whatever is installed then;
 the readers below (:func:`axis_value`, :func:`exact_inverse`) are how the report reads a cell.
+:func:`assemble` builds a record from a worker's messages, for every way of running a cell.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,44 @@ def worst_status(statuses) -> str:
     if not statuses:
         raise ValueError("worst_status() of no statuses")
     return min(statuses, key=lambda s: STATUS_PRIORITY.index(s) if s in STATUSES else -1)
+
+
+def assemble(cell: Any, messages: list[dict[str, Any]], directions: Iterable[str],
+             missing_status: str = "error", missing_message: str = "") -> dict[str, Any]:
+    """One results record of ``cell`` (a :class:`bench.sweep.cells.Cell`) from its worker's
+    messages (the protocol of ``bench/worker.py``: ``direction``, ``memory`` and ``cell`` lines);
+    directions it never reported get ``missing_status`` (e.g. "timeout"), or the cell-level
+    status if the cell failed to build."""
+    record: dict[str, Any] = {"key": cell.key(), "cell": asdict(cell), "directions": {}}
+    cell_msg: dict[str, Any] = {}
+    memory: list[dict[str, Any]] = []
+    for m in messages:
+        if m.get("type") == "direction":
+            record["directions"][m["direction"]] = {k: v for k, v in m.items() if k not in ("type", "direction")}
+        elif m.get("type") == "memory":
+            memory.append(m)
+        elif m.get("type") == "cell":
+            cell_msg = {k: v for k, v in m.items() if k != "type"}
+    for m in memory:  # measured after all timing, so it arrives after the direction's record
+        if m["direction"] in record["directions"]:
+            record["directions"][m["direction"]].update({k: v for k, v in m.items() if k not in ("type", "direction")})
+    build_status = cell_msg.pop("status", None)
+    build_message = cell_msg.pop("message", None)
+    record.update(cell_msg)
+    for d in directions:
+        if d not in record["directions"]:
+            if build_status is not None:
+                record["directions"][d] = {"status": build_status, "message": build_message or ""}
+            else:
+                record["directions"][d] = {"status": missing_status, "message": missing_message}
+    statuses = [d["status"] for d in record["directions"].values()] or [build_status or missing_status]
+    record["status"] = worst_status(statuses)
+    if build_status is not None:
+        record["message"] = build_message
+    else:
+        bad = [d.get("message") for d in record["directions"].values() if d["status"] == record["status"]]
+        record["message"] = next((m for m in bad if m), "")
+    return record
 
 
 def validate(record: Any) -> dict[str, Any]:

@@ -102,9 +102,9 @@ def test_the_wheel_carries_the_native_sources_and_the_paper_tables(installed):
 def test_installed_package_finds_its_data_inside_itself(installed):
     code = textwrap.dedent(
         """
-        import bench, layers, bench.locations as loc, bench.report.paper as paper, layers.native as native
+        import bench, layers, bench.locations as loc, layers.native as native
         print(bench.__file__); print(layers.__file__); print(native.source_dir()); print(loc.paper_tables_dir())
-        print(loc.checkout()); print(loc.baselines_dir()); print(",".join(paper.available_tables()))
+        print(loc.checkout()); print(loc.baselines_dir()); print(",".join(loc.paper_table_ids()))
         """
     )
     out = _run([installed.python, "-c", code], env=installed.env, cwd=installed.cwd).stdout.splitlines()

@@ -7,15 +7,16 @@ import pytest
 from helpers import check_golden
 
 import layers
+from bench.locations import paper_table_ids, read_toml
 from bench.report import paper
-from bench.sweep import presets
 from bench.report.write import render_paper_table
+from bench.sweep import presets
 
 
 # Every layer of docs/math.md §5: a published row may name one that is not merged into this checkout yet.
 SPEC_LAYERS = {"butterfly", "cinc", "emerging", "finc", "glow-1x1", "inverse-flow", "snf", "woodbury", "macow", "mintnet",
                "convexp"}
-TABLES = paper.available_tables()
+TABLES = paper_table_ids()
 PRESETS = presets.names()
 
 
@@ -55,7 +56,7 @@ def test_published_values_are_the_slides():
 
 
 def test_malformed_paper_table_is_refused():
-    good = paper.load_toml(paper.PAPER_DIR / "cifar.toml")
+    good = read_toml(paper.PAPER_DIR / "cifar.toml")
     with pytest.raises(paper.PaperTableError, match="missing hardware"):
         paper.parse_table({k: v for k, v in good.items() if k != "hardware"})
     with pytest.raises(paper.PaperTableError, match="matches no column"):

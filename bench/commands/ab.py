@@ -70,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
     from ..regression import ab
     from ..execution import runs
     from ..report.comparison import markdown, to_json
-    from ..execution.environment import collect
+    from ..environment import collect, command_line
     from ..regression.statistics import compare_records
     from ..report.write import write_tables
     from ..sweep.cells import expand
@@ -103,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
             with ab.base_worktree(repo, commit) as base_root:
                 base_env = ab.environment_of(base_root, new_env)
                 for env in (base_env, new_env):
-                    env["command"] = runs.command_line()
+                    env["command"] = command_line()
                 pair = ab.new_ab_dir(args.out, base_env["git"], new_env["git"])
                 trees += [ab.Tree("base", base_root, base_env["git"], pair / "base"),
                           ab.Tree("new", runs.ROOT, new_env["git"], pair / "new")]

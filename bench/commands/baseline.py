@@ -75,7 +75,7 @@ def _record(args: argparse.Namespace) -> int:
     import layers
 
     from ..regression import baselines
-    from ..execution.environment import collect
+    from ..environment import collect
 
     device = _device(args)
     names = args.layers or layers.available()

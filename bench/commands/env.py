@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..execution.environment import collect
+    from ..environment import collect
 
     env = collect()
     if args.json:

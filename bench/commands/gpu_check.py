@@ -634,8 +634,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"python -m bench gpu-check: no GPU here ({why}; torch {torch.__version__}): nothing to check",
               file=sys.stderr)
         return 2
-    from ..execution import environment
-    from ..execution.runs import utc_now
+    from .. import environment
+    from ..environment import utc_now
     from layers import native
 
     t_start = time.perf_counter()

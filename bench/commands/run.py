@@ -207,12 +207,12 @@ def resolve_config(args: argparse.Namespace, preset_name: str | None = None):
     if preset_name:
         preset = _load_preset(preset_name)
         base = preset.settings(quick=args.quick)
-        from ..report.paper import available_tables
+        from ..locations import paper_table_ids
 
         # Rendered after the sweep: found out now, not after hours of measuring.
-        if preset.paper_table not in available_tables():
+        if preset.paper_table not in paper_table_ids():
             raise UsageError(f"preset {preset.name}: paper table {preset.paper_table!r} is not in results/paper/ "
-                             f"(known: {', '.join(available_tables())})")
+                             f"(known: {', '.join(paper_table_ids())})")
 
     names = _flatten(args.layers)
     if names == []:
@@ -378,7 +378,7 @@ def run_one(args: argparse.Namespace, preset_name: str | None) -> int:
 
 def _run_one(args: argparse.Namespace, preset_name: str | None, terminated: list[int]) -> int:
     from ..execution import runs
-    from ..execution.environment import collect
+    from ..environment import collect
     from ..sweep.cells import SweepConfig
 
     from ..execution import executors

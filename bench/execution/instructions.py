@@ -109,7 +109,7 @@ def count_cells(cells: list[Any], directions: Iterable[str], on_record: Callable
     cell that hangs, or a valgrind process that dies, leaves the cells not yet reported with an
     ``error`` or ``timeout`` record.
     """
-    from .runner import assemble
+    from ..records import assemble
     from .runs import ROOT
 
     valgrind = require_valgrind()

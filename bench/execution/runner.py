@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..timing.measure import TimingPolicy
-from ..records import worst_status
+from ..records import assemble, worst_status
 from .zygote import Zygote, ZygoteError
 from .runs import ROOT, append_record
 from .shards import where
@@ -30,42 +30,6 @@ from ..sweep.cells import Cell, SweepConfig
 def policy_of(config: SweepConfig) -> TimingPolicy:
     return TimingPolicy(warmup=config.warmup, warmup_time=config.warmup_time, repeat=config.repeat,
                         min_time=config.min_time, max_time=config.max_time, cold_cache=config.cold_cache)
-
-
-def assemble(cell: Cell, messages: list[dict[str, Any]], directions: Iterable[str],
-             missing_status: str = "error", missing_message: str = "") -> dict[str, Any]:
-    """One results record from the worker's messages; directions it never reported get
-    ``missing_status`` (e.g. "timeout"), or the cell-level status if the cell failed to build."""
-    record: dict[str, Any] = {"key": cell.key(), "cell": asdict(cell), "directions": {}}
-    cell_msg: dict[str, Any] = {}
-    memory: list[dict[str, Any]] = []
-    for m in messages:
-        if m.get("type") == "direction":
-            record["directions"][m["direction"]] = {k: v for k, v in m.items() if k not in ("type", "direction")}
-        elif m.get("type") == "memory":
-            memory.append(m)
-        elif m.get("type") == "cell":
-            cell_msg = {k: v for k, v in m.items() if k != "type"}
-    for m in memory:  # measured after all timing, so it arrives after the direction's record
-        if m["direction"] in record["directions"]:
-            record["directions"][m["direction"]].update({k: v for k, v in m.items() if k not in ("type", "direction")})
-    build_status = cell_msg.pop("status", None)
-    build_message = cell_msg.pop("message", None)
-    record.update(cell_msg)
-    for d in directions:
-        if d not in record["directions"]:
-            if build_status is not None:
-                record["directions"][d] = {"status": build_status, "message": build_message or ""}
-            else:
-                record["directions"][d] = {"status": missing_status, "message": missing_message}
-    statuses = [d["status"] for d in record["directions"].values()] or [build_status or missing_status]
-    record["status"] = worst_status(statuses)
-    if build_status is not None:
-        record["message"] = build_message
-    else:
-        bad = [d.get("message") for d in record["directions"].values() if d["status"] == record["status"]]
-        record["message"] = next((m for m in bad if m), "")
-    return record
 
 
 def _process_median(samples: list[float]) -> float:

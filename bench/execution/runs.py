@@ -7,15 +7,14 @@ interrupted run keeps everything it finished) and the rendered tables and plots.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 from .. import records
+from ..environment import utc_now
 from ..git import git_state
 from ..locations import TREE
 CONFIG = "config.json"
@@ -32,8 +31,6 @@ COLUMNS = [
 MODEL_COLUMNS = ["scope", "levels", "steps", "hidden_width", "mixing"]
 
 
-def utc_now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
 
 
 class RunDirError(Exception):
@@ -281,6 +278,3 @@ def long_frame(records: list[dict[str, Any]]):
         df[col] = df[col].astype("Int64")
     return df
 
-
-def command_line() -> str:
-    return " ".join([Path(sys.executable).name, "-m", "bench", *sys.argv[1:]])

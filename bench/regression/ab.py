@@ -103,13 +103,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 def environment_of(root: Path, fallback: dict[str, Any]) -> dict[str, Any]:
     """The environment record as ``root``'s own code collects it (solver, git), run in a
-    subprocess; ``fallback`` with ``root``'s git state if that tree cannot produce one."""
-    code = ("import importlib.util, json, sys\n"
-            "if importlib.util.find_spec('bench.execution') is not None:\n"
-            "    from bench.execution.environment import collect\n"
-            "else:  # a revision before bench's subpackages\n"
-            "    from bench.environment import collect\n"
-            "json.dump(collect(), sys.stdout)")
+    subprocess; ``fallback`` with ``root``'s git state if that tree cannot produce one.
+    ``bench.environment.collect`` is, like ``bench.worker``, a name every revision answers to."""
+    code = "import json, sys; from bench.environment import collect; json.dump(collect(), sys.stdout)"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..locations import paper_tables_dir
+from ..locations import paper_table_ids, paper_tables_dir, read_toml
 from ..records import axis_value, exact_inverse
 from .tables import Table, fmt_ms, hardware
 
@@ -80,26 +80,13 @@ class PaperTable:
 # Loading
 
 
-def load_toml(path: Path) -> dict[str, Any]:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    with open(path, "rb") as fh:
-        return tomllib.load(fh)
-
-
-def available_tables(directory: Path = PAPER_DIR) -> list[str]:
-    return sorted(p.stem for p in Path(directory).glob("*.toml"))
-
-
 def load_table(table_id: str, directory: Path = PAPER_DIR) -> PaperTable:
     """The published table ``table_id``; ``PaperTableError`` naming the known ids otherwise."""
     path = Path(directory) / f"{table_id}.toml"
     if not path.exists():
-        known = ", ".join(available_tables(directory)) or "(none)"
+        known = ", ".join(paper_table_ids(directory)) or "(none)"
         raise PaperTableError(f"unknown paper table {table_id!r}; known: {known} (files in {directory})")
-    return parse_table(load_toml(path), path)
+    return parse_table(read_toml(path), path)
 
 
 _REQUIRED = ("id", "label", "title", "source", "hardware", "layout", "setting", "interpretation", "columns", "rows")

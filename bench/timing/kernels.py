@@ -275,9 +275,9 @@ def measure_shape(shape: Shape, *, min_calls: int = 20, min_seconds: float = 0.5
 
 def environment(device: str) -> dict:
     """What the numbers depend on — versions, hardware, threads, the solver choice, the commit —
-    from the run's environment record (:func:`bench.execution.environment.collect`), flattened
+    from the run's environment record (:func:`bench.environment.collect`), flattened
     for the kernel report, with the CPU's SIMD path or the GPU in use."""
-    from ..execution.environment import collect
+    from ..environment import collect
 
     full = collect()
     env = {

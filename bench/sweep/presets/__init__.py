@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...locations import paper_table_ids, read_toml
+
 PRESET_DIR = Path(__file__).resolve().parent
 ALL = "all"  # `--preset all`: every preset, one run folder each
 
@@ -110,10 +112,9 @@ def load(name: str, directory: Path = PRESET_DIR) -> Preset:
     path = Path(directory) / f"{name}.toml"
     if not path.exists():
         raise PresetError(f"unknown preset {name!r}; known: {', '.join(names(directory)) or '(none)'}, or {ALL!r}")
-    from ...report.paper import load_toml
 
     try:
-        data = load_toml(path)
+        data = read_toml(path)
     except Exception as exc:  # noqa: BLE001 - a syntax error in a spec file is reported, not raised raw
         raise PresetError(f"{path}: {exc}") from None
     return parse(data, path)
@@ -250,10 +251,9 @@ def validate(preset: Preset) -> list[str]:
     warnings for the caller to judge, not an exception)."""
     import layers
 
-    from ...report.paper import available_tables
 
     problems = []
-    if preset.paper_table not in available_tables():
+    if preset.paper_table not in paper_table_ids():
         problems.append(f"paper table {preset.paper_table!r} not in results/paper/")
     from ..models import ARCHITECTURES
 

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import os
 import platform
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 
-from ..git import git_state
-from .runs import command_line, utc_now
+from .git import git_state
+
+
+def utc_now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def command_line() -> str:
+    """How this process was started, as ``python -m bench ...``."""
+    return " ".join([Path(sys.executable).name, "-m", "bench", *sys.argv[1:]])
 
 
 def _cpu_model() -> str:
