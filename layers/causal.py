@@ -24,6 +24,7 @@ pure-PyTorch reference in this file (one gather and two matmuls per anti-diagona
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -215,28 +216,30 @@ def solve_masked(y: torch.Tensor, off_centre: torch.Tensor, lower: torch.Tensor,
 
 def _check_masked_args(y: torch.Tensor, off_centre: torch.Tensor, lower: torch.Tensor,
                        diagonal: torch.Tensor | None, orientation: str) -> int:
-    """The kernel size, after checking the arguments of :func:`solve_masked`."""
+    """The kernel size, after checking the arguments of :func:`solve_masked` (on every layer call:
+    each shape, dtype and device is read once)."""
     _check_orientation(orientation)
     if not isinstance(y, torch.Tensor) or y.dim() != 4:
         raise ValueError(f"solve_masked: y must be a 4-D tensor (B, C, H, W), got shape "
                          f"{tuple(getattr(y, 'shape', ()))}")
     c = y.shape[1]
-    taps = off_centre.shape[-1] + 1 if off_centre.dim() == 3 else 0
-    k = round(taps ** 0.5)
-    if off_centre.dim() != 3 or off_centre.shape[0] != c or off_centre.shape[1] != c or k * k != taps:
+    shape = off_centre.shape
+    k = math.isqrt(shape[-1] + 1) if len(shape) == 3 else 0
+    if len(shape) != 3 or shape[0] != c or shape[1] != c or k * k != shape[-1] + 1:
         raise ValueError(f"solve_masked: off_centre must have shape (C, C, k*k-1) with C={c} (y's channels), "
-                         f"got {tuple(off_centre.shape)}")
+                         f"got {tuple(shape)}")
     if lower.shape != (c * (c - 1) // 2,):
         raise ValueError(f"solve_masked: lower must have shape (C*(C-1)/2,) = ({c * (c - 1) // 2},), "
                          f"got {tuple(lower.shape)}")
     if diagonal is not None and diagonal.shape != (c,):
         raise ValueError(f"solve_masked: diagonal must have shape (C,) = ({c},) or be None, got {tuple(diagonal.shape)}")
+    dtype, device = y.dtype, y.device
     for name, t in (("off_centre", off_centre), ("lower", lower), ("diagonal", diagonal)):
-        if t is not None and (t.dtype != y.dtype or t.device != y.device):
-            raise ValueError(f"solve_masked: y ({y.dtype}, {y.device}) and {name} ({t.dtype}, {t.device}) "
+        if t is not None and (t.dtype != dtype or t.device != device):
+            raise ValueError(f"solve_masked: y ({dtype}, {device}) and {name} ({t.dtype}, {t.device}) "
                              "must share dtype and device")
-    if not y.is_floating_point():
-        raise ValueError(f"solve_masked: floating-point tensors required, got {y.dtype}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"solve_masked: floating-point tensors required, got {dtype}")
     return k
 
 
