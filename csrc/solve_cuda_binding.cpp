@@ -8,6 +8,11 @@
 //                                       need_weight_grad) -> (λ, ∂L/∂W)
 //       the adjoint solve, then cuDNN's convolution weight gradient of x and −λ (∂L/∂W is an
 //       empty tensor when not needed);
+//   invconv_cuda::masked_solve(y, off_centre, lower, diagonal?, orientation) -> x
+//   invconv_cuda::masked_solve_backward(grad, off_centre, lower, diagonal?, x, orientation,
+//                                       need_weight_grad) -> (λ, ∂L/∂off, ∂L/∂lower, ∂L/∂diag)
+//       the solve from a masked weight's free parameters (weight assembled on the device, gradient
+//       split back; solve_autograd.h, shared with the CPU ops) + the same C++ autograd node;
 //   invconv_cuda::plan_error(device, dtype, C, H, W, k) -> str
 //       "" when the solve can run that shape on that device, else why not (layers/native.py
 //       falls back to the PyTorch reference under INVCONV_SOLVER=auto).
@@ -90,6 +95,31 @@ std::tuple<at::Tensor, at::Tensor> kernel_causal_solve_backward(const at::Tensor
   return {lam, grad_w};
 }
 
+at::Tensor kernel_masked_solve(const at::Tensor& y, const at::Tensor& off_centre, const at::Tensor& lower,
+                               const std::optional<at::Tensor>& diagonal, int64_t orientation) {
+  const int64_t k = invconv::check_masked_args("invconv_cuda.masked_solve", y, off_centre, lower, diagonal, orientation);
+  c10::cuda::CUDAGuard guard(y.device());
+  const at::Tensor weight = invconv::masked_weight(off_centre, lower, diagonal, k, orientation);
+  return solve(y, weight, orientation, !diagonal.has_value(), false, 0, false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kernel_masked_solve_backward(
+    const at::Tensor& grad, const at::Tensor& off_centre, const at::Tensor& lower,
+    const std::optional<at::Tensor>& diagonal, const at::Tensor& x, int64_t orientation, bool need_weight_grad) {
+  const int64_t k =
+      invconv::check_masked_args("invconv_cuda.masked_solve_backward", x, off_centre, lower, diagonal, orientation);
+  c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor weight = invconv::masked_weight(off_centre, lower, diagonal, k, orientation);
+  auto [lam, grad_w] =
+      kernel_causal_solve_backward(grad, weight, x, orientation, !diagonal.has_value(), need_weight_grad);
+  if (!need_weight_grad) {
+    const auto none = [&] { return at::empty({0}, x.options()); };  // distinct outputs, never aliases
+    return {lam, none(), none(), none()};
+  }
+  auto [g_off, g_lower, g_diag] = invconv::split_masked_grad(grad_w, k, orientation, diagonal.has_value());
+  return {lam, g_off, g_lower, g_diag};
+}
+
 struct CudaOps {
   static at::Tensor solve(const at::Tensor& y, const at::Tensor& weight, int64_t orientation, bool unit_diagonal,
                           int64_t /*isa: CPU only*/) {
@@ -107,11 +137,35 @@ struct CudaOps {
                                                                    const at::Tensor&, int64_t, bool, bool)>();
     return op.call(grad, weight, x, orientation, unit_diagonal, need_weight_grad);
   }
+  static at::Tensor masked_solve(const at::Tensor& y, const at::Tensor& off_centre, const at::Tensor& lower,
+                                 const std::optional<at::Tensor>& diagonal, int64_t orientation, int64_t /*isa*/) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("invconv_cuda::masked_solve", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const std::optional<at::Tensor>&, int64_t)>();
+    return op.call(y, off_centre, lower, diagonal, orientation);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_backward(
+      const at::Tensor& grad, const at::Tensor& off_centre, const at::Tensor& lower,
+      const std::optional<at::Tensor>& diagonal, const at::Tensor& x, int64_t orientation, bool need_weight_grad,
+      int64_t /*isa*/) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("invconv_cuda::masked_solve_backward", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const std::optional<at::Tensor>&, const at::Tensor&, int64_t, bool)>();
+    return op.call(grad, off_centre, lower, diagonal, x, orientation, need_weight_grad);
+  }
 };
 
 at::Tensor autograd_causal_solve(const at::Tensor& y, const at::Tensor& weight, int64_t orientation,
                                  bool unit_diagonal) {
   return invconv::CausalSolveFunction<CudaOps>::apply(y, weight, orientation, unit_diagonal, 0);
+}
+
+at::Tensor autograd_masked_solve(const at::Tensor& y, const at::Tensor& off_centre, const at::Tensor& lower,
+                                 const std::optional<at::Tensor>& diagonal, int64_t orientation) {
+  return invconv::MaskedSolveFunction<CudaOps>::apply(y, off_centre, lower, diagonal, orientation, 0);
 }
 
 }  // namespace
@@ -126,11 +180,20 @@ TORCH_LIBRARY(invconv_cuda, m) {
   m.def(
       "causal_solve_backward(Tensor grad, Tensor weight, Tensor x, int orientation, bool unit_diagonal, "
       "bool need_weight_grad) -> (Tensor, Tensor)");
+  m.def("masked_solve(Tensor y, Tensor off_centre, Tensor lower, Tensor? diagonal, int orientation) -> Tensor");
+  m.def(
+      "masked_solve_backward(Tensor grad, Tensor off_centre, Tensor lower, Tensor? diagonal, Tensor x, "
+      "int orientation, bool need_weight_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(invconv_cuda, CUDA, m) {
   m.impl("causal_solve", &kernel_causal_solve);
   m.impl("causal_solve_backward", &kernel_causal_solve_backward);
+  m.impl("masked_solve", &kernel_masked_solve);
+  m.impl("masked_solve_backward", &kernel_masked_solve_backward);
 }
 
-TORCH_LIBRARY_IMPL(invconv_cuda, Autograd, m) { m.impl("causal_solve", &autograd_causal_solve); }
+TORCH_LIBRARY_IMPL(invconv_cuda, Autograd, m) {
+  m.impl("causal_solve", &autograd_causal_solve);
+  m.impl("masked_solve", &autograd_masked_solve);
+}

@@ -11,6 +11,9 @@ Every layer that needs a causal convolution or its inverse uses this module (doc
   the solve's output.
 - :func:`assemble_weight` — the effective weight of a masked causal convolution from its free
   parameters, so that any parameter values give an exactly invertible map.
+- :func:`solve_masked` — :func:`solve` of that weight straight from the free parameters: with the
+  native solver one operator call that assembles the weight inside and whose backward splits
+  the weight gradient back onto the parameters (what a layer's forward should call).
 
 The solve's implementation is chosen per call by :func:`solver_for` (and the backward's by
 :func:`adjoint_solver_for`) under ``INVCONV_SOLVER`` (``auto``, ``torch`` or ``native``; see
@@ -21,8 +24,9 @@ pure-PyTorch reference in this file (one gather and two matmuls per anti-diagona
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +44,11 @@ __all__ = [
     "causal_padding",
     "centre_tap",
     "solve",
+    "solve_masked",
     "solve_reference",
     "solver_for",
 ]
 
-Orientation = Literal["TL", "TR", "BL", "BR"]
 ORIENTATIONS: tuple[str, ...] = ("TL", "TR", "BL", "BR")
 
 # Which image axes an orientation mirrors relative to TL (dims of an NCHW tensor / CoutCinkk kernel).
@@ -182,6 +186,61 @@ def solve(y: torch.Tensor, weight: torch.Tensor, orientation: str = "TL", *, uni
         if op is not None:
             return op(y, weight, native.ORIENTATION_CODES[orientation], unit_diagonal)
     return _CausalSolve.apply(y, weight, orientation, unit_diagonal)
+
+
+def solve_masked(y: torch.Tensor, off_centre: torch.Tensor, lower: torch.Tensor,
+                 diagonal: torch.Tensor | None = None, orientation: str = "TL") -> torch.Tensor:
+    """``solve(y, assemble_weight(off_centre, lower, diagonal, orientation), orientation)``.
+
+    Arguments are those of :func:`assemble_weight` (no leading batch dimensions) and ``y``
+    ``(B, C, H, W)``; ``diagonal=None`` is a unit diagonal. Differentiable with respect to ``y``
+    and the parameters (first order).
+
+    With the native solver this is one operator (``invconv_{cpu,cuda}::masked_solve``): the
+    weight is assembled inside it (one loop on the CPU) and its C++ autograd node saves the
+    parameters and the output, whose backward reassembles the weight, runs the adjoint solve and
+    the weight gradient, and splits that gradient onto ``off_centre``, ``lower`` and
+    ``diagonal``. Nothing is cached between calls, so parameters updated in place (an
+    optimiser step) are always read afresh. The reference assembles the weight with
+    :func:`assemble_weight` and calls :func:`solve`.
+    """
+    k = _check_masked_args(y, off_centre, lower, diagonal, orientation)
+    mode = native.requested_mode()
+    if mode != "torch":
+        op = native.differentiable_masked_solve(y, k, mode)
+        if op is not None:
+            return op(y, off_centre, lower, diagonal, native.ORIENTATION_CODES[orientation])
+    weight = assemble_weight(off_centre, lower, diagonal, orientation)
+    return solve(y, weight, orientation, unit_diagonal=diagonal is None, assume_triangular=True)
+
+
+def _check_masked_args(y: torch.Tensor, off_centre: torch.Tensor, lower: torch.Tensor,
+                       diagonal: torch.Tensor | None, orientation: str) -> int:
+    """The kernel size, after checking the arguments of :func:`solve_masked` (on every layer call:
+    each shape, dtype and device is read once)."""
+    _check_orientation(orientation)
+    if not isinstance(y, torch.Tensor) or y.dim() != 4:
+        raise ValueError(f"solve_masked: y must be a 4-D tensor (B, C, H, W), got shape "
+                         f"{tuple(getattr(y, 'shape', ()))}")
+    c = y.shape[1]
+    shape = off_centre.shape
+    k = math.isqrt(shape[-1] + 1) if len(shape) == 3 else 0
+    if len(shape) != 3 or shape[0] != c or shape[1] != c or k * k != shape[-1] + 1:
+        raise ValueError(f"solve_masked: off_centre must have shape (C, C, k*k-1) with C={c} (y's channels), "
+                         f"got {tuple(shape)}")
+    if lower.shape != (c * (c - 1) // 2,):
+        raise ValueError(f"solve_masked: lower must have shape (C*(C-1)/2,) = ({c * (c - 1) // 2},), "
+                         f"got {tuple(lower.shape)}")
+    if diagonal is not None and diagonal.shape != (c,):
+        raise ValueError(f"solve_masked: diagonal must have shape (C,) = ({c},) or be None, got {tuple(diagonal.shape)}")
+    dtype, device = y.dtype, y.device
+    for name, t in (("off_centre", off_centre), ("lower", lower), ("diagonal", diagonal)):
+        if t is not None and (t.dtype != dtype or t.device != device):
+            raise ValueError(f"solve_masked: y ({dtype}, {device}) and {name} ({t.dtype}, {t.device}) "
+                             "must share dtype and device")
+    if not dtype.is_floating_point:
+        raise ValueError(f"solve_masked: floating-point tensors required, got {dtype}")
+    return k
 
 
 def adjoint_solve(g: torch.Tensor, weight: torch.Tensor, orientation: str = "TL", *,

@@ -54,6 +54,7 @@ __all__ = [
     "cuda_build_target",
     "cuda_plan_error",
     "describe",
+    "differentiable_masked_solve",
     "differentiable_solve",
     "fallbacks",
     "kernels_for",
@@ -350,8 +351,21 @@ def _register_fake_kernels(device_type: str) -> None:
             else weight.new_empty((0,))
         return lam, grad_w
 
+    def masked_fake(y, off_centre, lower, diagonal, orientation, *rest):
+        return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+    def masked_backward_fake(grad, off_centre, lower, diagonal, x, orientation, need_weight_grad, *rest):
+        lam = torch.empty_like(grad, memory_format=torch.contiguous_format)
+        if not need_weight_grad:
+            return lam, grad.new_empty((0,)), grad.new_empty((0,)), grad.new_empty((0,))
+        c = off_centre.shape[0]
+        return (lam, off_centre.new_empty(off_centre.shape), lower.new_empty((c * (c - 1) // 2,)),
+                off_centre.new_empty((c if diagonal is not None else 0,)))
+
     torch.library.register_fake(f"{lib}::causal_solve")(solve_fake)
     torch.library.register_fake(f"{lib}::causal_solve_backward")(backward_fake)
+    torch.library.register_fake(f"{lib}::masked_solve")(masked_fake)
+    torch.library.register_fake(f"{lib}::masked_solve_backward")(masked_backward_fake)
     _fakes_registered.add(device_type)
 
 
@@ -391,6 +405,27 @@ def _native_backend(device_type: str, dtype: torch.dtype, mode: str) -> str:
     return device_type if kernels_for(device_type, dtype, required=(mode == "native")) is not None else ""
 
 
+def _usable_backend(y: torch.Tensor, kernel_size: int, mode: str) -> str:
+    """The device type whose native op solves tensors like ``y``, or ``""`` for the reference
+    (see :func:`differentiable_solve`)."""
+    backend = _native_backend(y.device.type, y.dtype, mode)
+    if not backend:
+        return ""
+    err = _plan_error(y, kernel_size)
+    if err is None:
+        return backend
+    what = (f"C={y.shape[1]} {y.shape[2]}x{y.shape[3]} k={kernel_size} {str(y.dtype).replace('torch.', '')} "
+            f"on {y.device}")
+    if mode == "native":
+        raise NativeUnavailableError(f"{SOLVER_ENV}=native: the native solve cannot run {what}: {err}")
+    key = (str(y.device), y.dtype, y.shape[1], y.shape[2], y.shape[3], kernel_size)
+    if key not in _fallbacks:
+        _fallbacks[key] = f"{what}: {err}"
+        warnings.warn(f"invconv: using the PyTorch reference solve for {what} ({err})", RuntimeWarning,
+                      stacklevel=4)
+    return ""
+
+
 def differentiable_solve(y: torch.Tensor, kernel_size: int, mode: str):
     """The native differentiable solve op for tensors like ``y``, as ``(y, weight, orientation
     code, unit_diagonal) -> x``, or ``None`` where the reference must be used (``auto`` only;
@@ -400,22 +435,20 @@ def differentiable_solve(y: torch.Tensor, kernel_size: int, mode: str):
     plan that does not fit in the device's shared memory); the reason is recorded (see
     :func:`solver_status` and :func:`fallbacks`) and warned once per shape.
     """
-    backend = _native_backend(y.device.type, y.dtype, mode)
+    backend = _usable_backend(y, kernel_size, mode)
     if not backend:
         return None
-    err = _plan_error(y, kernel_size)
-    if err is None:
-        return _cpu_differentiable if backend == "cpu" else torch.ops.invconv_cuda.causal_solve
-    what = (f"C={y.shape[1]} {y.shape[2]}x{y.shape[3]} k={kernel_size} {str(y.dtype).replace('torch.', '')} "
-            f"on {y.device}")
-    if mode == "native":
-        raise NativeUnavailableError(f"{SOLVER_ENV}=native: the native solve cannot run {what}: {err}")
-    key = (str(y.device), y.dtype, y.shape[1], y.shape[2], y.shape[3], kernel_size)
-    if key not in _fallbacks:
-        _fallbacks[key] = f"{what}: {err}"
-        warnings.warn(f"invconv: using the PyTorch reference solve for {what} ({err})", RuntimeWarning,
-                      stacklevel=3)
-    return None
+    return _cpu_differentiable if backend == "cpu" else torch.ops.invconv_cuda.causal_solve
+
+
+def differentiable_masked_solve(y: torch.Tensor, kernel_size: int, mode: str):
+    """The native op of :func:`layers.causal.solve_masked` for tensors like ``y``, as ``(y,
+    off_centre, lower, diagonal or None, orientation code) -> x``, or ``None`` where the
+    reference must be used (chosen as in :func:`differentiable_solve`)."""
+    backend = _usable_backend(y, kernel_size, mode)
+    if not backend:
+        return None
+    return _cpu_masked if backend == "cpu" else torch.ops.invconv_cuda.masked_solve
 
 
 def fallbacks() -> list[str]:
@@ -426,6 +459,10 @@ def fallbacks() -> list[str]:
 
 def _cpu_differentiable(y, weight, orientation, unit_diagonal):
     return torch.ops.invconv_cpu.causal_solve(y, weight, orientation, unit_diagonal, _cpu_isa_code())
+
+
+def _cpu_masked(y, off_centre, lower, diagonal, orientation):
+    return torch.ops.invconv_cpu.masked_solve(y, off_centre, lower, diagonal, orientation, _cpu_isa_code())
 
 
 def kernels_for(device: torch.device | str, dtype: torch.dtype, *, required: bool = False) -> NativeKernels | None:

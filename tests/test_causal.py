@@ -19,7 +19,10 @@ from layers.causal import (
     causal_padding,
     centre_tap,
     solve,
+    solve_masked,
+    solve_reference,
 )
+from layers import native
 
 SHAPES = [(1, 1, 4, 6), (2, 3, 5, 3), (2, 4, 4, 4)]
 KS = [1, 2, 3, 5]
@@ -195,3 +198,95 @@ def test_k1_solve_is_per_pixel():
     y = torch.randn(2, 5, 3, 4, dtype=torch.float64)
     x = solve(y, w)
     torch.testing.assert_close(F.conv2d(x, w), y)
+
+
+# ----------------------------------------------------------------------------------------------
+# solve_masked: the solve straight from a masked weight's free parameters (the native solver's
+# single operator under "auto" where it builds, the reference under "torch")
+
+
+def _masked_params(c, k, unit, scale=0.2, requires_grad=True):
+    off = torch.randn(c, c, k * k - 1, dtype=torch.float64) * scale
+    lower = torch.randn(c * (c - 1) // 2, dtype=torch.float64) * scale
+    diag = None if unit else (0.6 + torch.rand(c, dtype=torch.float64)) * torch.where(
+        torch.rand(c) < 0.5, -1.0, 1.0).double()
+    params = [off, lower] + ([] if unit else [diag])
+    if requires_grad:
+        for t in params:
+            t.requires_grad_()
+    return params
+
+
+@pytest.mark.parametrize("mode", ["torch", "auto"])
+@pytest.mark.parametrize("unit", [True, False], ids=["unit", "general"])
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+@pytest.mark.parametrize("k,c", [(1, 3), (2, 1), (3, 4)])
+def test_solve_masked_matches_the_dense_solve_and_its_gradients(monkeypatch, mode, unit, orientation, k, c):
+    """Values and the gradients of y and every free parameter against autograd through a dense
+    solve of the assembled weight."""
+    monkeypatch.setenv(native.SOLVER_ENV, mode)
+    b, h, w = 2, 4, 5
+    params = _masked_params(c, k, unit)
+    diag = None if unit else params[2]
+    y = torch.randn(b, c, h, w, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(b, c, h, w, dtype=torch.float64)
+    x = solve_masked(y, params[0], params[1], diag, orientation)
+    grads = torch.autograd.grad((x * upstream).sum(), [y, *params])
+
+    weight = assemble_weight(params[0], params[1], diag, orientation)
+    t = dense_conv_matrix(weight, orientation, h, w)
+    x_dense = torch.linalg.solve(t, y.reshape(b, -1).t()).t().reshape(b, c, h, w)
+    grads_dense = torch.autograd.grad((x_dense * upstream).sum(), [y, *params])
+    torch.testing.assert_close(x, x_dense, rtol=1e-10, atol=1e-10)
+    for g, gd in zip(grads, grads_dense):
+        torch.testing.assert_close(g, gd, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("mode", ["torch", "auto"])
+@pytest.mark.parametrize("unit", [True, False], ids=["unit", "general"])
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_solve_masked_gradcheck(monkeypatch, mode, unit, orientation):
+    monkeypatch.setenv(native.SOLVER_ENV, mode)
+    params = _masked_params(3, 2, unit)
+    y = torch.randn(2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(y, off, lower, *diag):
+        return solve_masked(y, off, lower, diag[0] if diag else None, orientation)
+
+    assert torch.autograd.gradcheck(f, (y, *params))
+
+
+@pytest.mark.parametrize("mode", ["torch", "auto"])
+def test_solve_masked_reads_the_parameters_afresh_every_call(monkeypatch, mode):
+    """Nothing is cached between calls: an in-place update of a parameter (an optimiser step)
+    changes the next solve."""
+    monkeypatch.setenv(native.SOLVER_ENV, mode)
+    off, lower = _masked_params(3, 3, unit=True)
+    y = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    x = solve_masked(y, off, lower)
+    with torch.no_grad():
+        off.add_(0.1)
+        lower.mul_(-1)
+    x2 = solve_masked(y, off, lower)
+    expected = solve_reference(y, assemble_weight(off.detach(), lower.detach()), "TL", True)
+    torch.testing.assert_close(x2, expected, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(x, x2)
+
+
+def test_solve_masked_checks_arguments():
+    off, lower = _masked_params(3, 3, unit=True, requires_grad=False)
+    y = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="orientation"):
+        solve_masked(y, off, lower, None, "XX")
+    with pytest.raises(ValueError, match="4-D"):
+        solve_masked(y[0], off, lower)
+    with pytest.raises(ValueError, match=r"off_centre must have shape \(C, C, k\*k-1\) with C=2"):
+        solve_masked(y[:, :2], off, lower)
+    with pytest.raises(ValueError, match="off_centre must have shape"):
+        solve_masked(y, off[..., :5], lower)
+    with pytest.raises(ValueError, match=r"lower must have shape \(C\*\(C-1\)/2,\) = \(3,\), got \(2,\)"):
+        solve_masked(y, off, lower[:2])
+    with pytest.raises(ValueError, match=r"diagonal must have shape \(C,\) = \(3,\)"):
+        solve_masked(y, off, lower, torch.ones(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="lower .* must share dtype"):
+        solve_masked(y, off, lower.float())

@@ -58,6 +58,94 @@ def test_cpu_op_gradcheck_and_no_double_backward(cpu_ops):
         torch.autograd.grad(x.square().sum(), (y, off), create_graph=True)
 
 
+@pytest.mark.parametrize("unit", [True, False], ids=["unit", "general"])
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_cpu_masked_ops_pass_opcheck(cpu_ops, orientation, unit):
+    """The same for the masked solve (weight assembled inside the op) and its backward."""
+    code = native.ORIENTATION_CODES[orientation]
+    c, k = 3, 2
+    off = (torch.randn(c, c, k * k - 1, dtype=torch.float64) * 0.2).requires_grad_()
+    lower = (torch.randn(c * (c - 1) // 2, dtype=torch.float64) * 0.2).requires_grad_()
+    diag = None if unit else (1.0 + 0.3 * torch.rand(c, dtype=torch.float64)).requires_grad_()
+    y = torch.randn(2, c, 4, 5, dtype=torch.float64, requires_grad=True)
+    isa = native._cpu_isa_code()
+    torch.library.opcheck(torch.ops.invconv_cpu.masked_solve.default, (y, off, lower, diag, code, isa))
+    x = torch.ops.invconv_cpu.masked_solve(y.detach(), off.detach(), lower.detach(),
+                                           None if unit else diag.detach(), code, isa)
+    for need_w in (True, False):
+        torch.library.opcheck(torch.ops.invconv_cpu.masked_solve_backward.default,
+                              (torch.randn_like(x), off.detach(), lower.detach(), None if unit else diag.detach(),
+                               x, code, need_w, isa))
+
+
+@pytest.mark.parametrize("unit", [True, False], ids=["unit", "general"])
+def test_cpu_masked_op_equals_the_solve_of_the_assembled_weight(cpu_ops, unit):
+    """Bit for bit: the op assembles the weight layers.causal.assemble_weight builds and runs the
+    same kernel; its backward's parameter gradients are the weight gradient's free entries."""
+    c, k, o = 5, 3, "BL"
+    code, isa = native.ORIENTATION_CODES[o], native._cpu_isa_code()
+    off = torch.randn(c, c, k * k - 1, dtype=torch.float64) * 0.1
+    lower = torch.randn(c * (c - 1) // 2, dtype=torch.float64) * 0.1
+    diag = None if unit else 1.0 + 0.3 * torch.rand(c, dtype=torch.float64)
+    weight = causal.assemble_weight(off, lower, diag, o)
+    y, g = torch.randn(2, c, 6, 7, dtype=torch.float64), torch.randn(2, c, 6, 7, dtype=torch.float64)
+    x = torch.ops.invconv_cpu.masked_solve(y, off, lower, diag, code, isa)
+    assert torch.equal(x, torch.ops.invconv_cpu.solve(y, weight, code, unit, False, isa))
+    lam, g_off, g_lower, g_diag = torch.ops.invconv_cpu.masked_solve_backward(g, off, lower, diag, x, code, True, isa)
+    lam_w, g_w = torch.ops.invconv_cpu.solve_backward(g, weight, x, code, unit, True, isa)
+    assert torch.equal(lam, lam_w)
+    a, b = causal.centre_tap(k, o)
+    mask = torch.ones(k, k, dtype=torch.bool)
+    mask[a, b] = False
+    assert torch.equal(g_off, g_w[..., mask])
+    rows, cols = torch.tril_indices(c, c, -1)
+    assert torch.equal(g_lower, g_w[rows, cols, a, b])
+    assert torch.equal(g_diag, torch.empty(0, dtype=g.dtype) if unit else g_w[:, :, a, b].diagonal())
+    lam2, *rest = torch.ops.invconv_cpu.masked_solve_backward(g, off, lower, diag, x, code, False, isa)
+    assert torch.equal(lam2, lam) and all(t.numel() == 0 for t in rest)
+
+
+def test_cpu_masked_op_rejects_bad_arguments(cpu_ops):
+    """Direct callers of the op get TORCH_CHECK's one-line messages naming the argument."""
+    off, lower = torch.randn(3, 3, 8), torch.randn(3)
+    y = torch.randn(1, 3, 4, 4)
+    ops = torch.ops.invconv_cpu
+    with pytest.raises(RuntimeError, match=r"off_centre must be \(C, C, k\*k-1\) with C = y.size\(1\) = 2"):
+        ops.masked_solve(y[:, :2], off, lower, None, 0)
+    with pytest.raises(RuntimeError, match="last dimension must be k\\*k-1"):
+        ops.masked_solve(y, off[..., :5], lower, None, 0)
+    with pytest.raises(RuntimeError, match=r"lower must be \(C\*\(C-1\)/2,\) = \(3,\)"):
+        ops.masked_solve(y, off, lower[:2], None, 0)
+    with pytest.raises(RuntimeError, match=r"diagonal must be \(C,\) = \(3,\)"):
+        ops.masked_solve(y, off, lower, torch.ones(4), 0)
+    with pytest.raises(RuntimeError, match="must share dtype and device"):
+        ops.masked_solve(y, off.double(), lower, None, 0)
+    with pytest.raises(RuntimeError, match="orientation code must be 0 \\(TL\\)"):
+        ops.masked_solve(y, off, lower, None, 4)
+
+
+def test_inverse_flow_forward_is_one_cpp_node_on_the_parameters(monkeypatch, cpu_ops):
+    """The layer's density direction is one operator call: its autograd node is the C++ masked
+    solve and leads straight to the parameters (no assembly nodes), its backward refuses a double
+    backward, and autograd's version check stops a backward after an in-place update of the
+    parameters the forward used (nothing is cached between calls)."""
+    monkeypatch.setenv(native.SOLVER_ENV, "native")
+    layer = layers.create("inverse-flow", channels=4, kernel_size=3).double()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    z, _ = layer(x)
+    assert "CppNode<invconv::MaskedSolveFunction" in z.grad_fn.name()
+    leaves = [fn for fn, _ in z.grad_fn.next_functions if fn is not None]
+    assert sorted(fn.name() for fn in leaves) == ["torch::autograd::AccumulateGrad"] * 3
+    assert {id(fn.variable) for fn in leaves} == {id(x), id(layer.off_centre), id(layer.lower)}
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        torch.autograd.grad(z.square().sum(), (x, layer.off_centre), create_graph=True)
+    z, _ = layer(x)
+    with torch.no_grad():
+        layer.off_centre.add_(0.01)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.sum().backward()
+
+
 def test_solve_uses_the_registered_op(monkeypatch, cpu_ops):
     """Under the native solver, layers.causal.solve is one operator call whose autograd node is
     C++ (no Python torch.autograd.Function in the graph)."""
@@ -115,8 +203,11 @@ def test_torch_compile_fullgraph_matches_eager_with_the_native_solver(monkeypatc
     # Layers built on the causal solve (their module uses layers.causal.solve) must reach the
     # native operator; sequential layers with another inverse (MaCow's rows, MintNet's Newton
     # iterations) need not.
-    if getattr(sys.modules[type(layer).__module__], "solve", None) is causal.solve:
+    module = sys.modules[type(layer).__module__]
+    if getattr(module, "solve", None) is causal.solve:
         assert any("invconv_cpu.causal_solve" in code for code in graphs), graphs
+    if getattr(module, "solve_masked", None) is causal.solve_masked:
+        assert any("invconv_cpu.masked_solve" in code for code in graphs), graphs
 
 
 @pytest.mark.parametrize("name", ["inverse-flow", "finc"])
