@@ -75,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
     from ..report.write import write_tables
     from ..sweep.cells import expand
     from .compare import describe, report
-    from .run import resolve_config
+    from ..sweep.resolve import resolve_config
 
     try:
         repo = repository()
@@ -88,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
         config.threads = 1  # see the module docstring
     counting = config.metric == "instructions"
     if counting:
-        from .run import check_instructions
+        from ..execution.instructions import check_config as check_instructions
 
         check_instructions(config)
     cells, skipped = ab.split_supported(expand(config), config.directions)
@@ -161,7 +161,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _measure_rounds(args, cells, config, trees, got) -> None:
     from ..regression import ab
-    from .run import progress_bar
+    from ..execution.drive import progress_bar
 
     _warn_if_busy(config.device)
     if args.rounds < FEW_ROUNDS:
