@@ -75,6 +75,7 @@ def main(args: argparse.Namespace) -> int:
     from ..report.write import write_tables
     from ..sweep.cells import expand
     from .compare import describe, report
+    from ..execution import drive
     from ..sweep.resolve import resolve_config
 
     try:
@@ -98,7 +99,8 @@ def main(args: argparse.Namespace) -> int:
     new_env = collect()
     got: dict = {}
     trees: list = []
-    with ab.sigterm_as_interrupt():
+    # SIGTERM (a CI runner cancelling the job) ends it as Ctrl-C does, with the same clean-up.
+    with drive.sigterm_as_interrupt():
         try:
             with ab.base_worktree(repo, commit) as base_root:
                 base_env = ab.environment_of(base_root, new_env)
@@ -179,7 +181,9 @@ def _measure_rounds(args, cells, config, trees, got) -> None:
 
 
 def _warn_if_busy(device: str) -> None:
-    load, cpus = (os.getloadavg()[0] if hasattr(os, "getloadavg") else None), os.cpu_count() or 1
+    from ..execution.drive import load_average
+
+    load, cpus = load_average(), os.cpu_count() or 1
     if device == "cpu" and load is not None and load > 0.5 * cpus:
         print(f"note: the machine is busy (1-minute load average {load:.1f} on {cpus} CPUs); interleaving shares "
               "the noise between the revisions, and the confidence intervals widen with it", file=sys.stderr)

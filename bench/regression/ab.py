@@ -25,7 +25,6 @@ import datetime as _dt
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -77,24 +76,6 @@ def base_worktree(repo: Path, commit: str) -> Iterator[Path]:
             run_git(repo, "worktree", "prune", timeout=60)
         except GitError:
             pass
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM (a CI runner cancelling the job) into KeyboardInterrupt, so the same cleanup
-    runs as for Ctrl-C."""
-    def handler(signum, frame):  # noqa: ARG001
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------------------------------------
