@@ -70,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
     from ..regression import ab
     from ..execution import runs
     from ..report.comparison import markdown, to_json
-    from ..environment import collect, command_line
+    from ..environment import collect
     from ..regression.statistics import compare_records
     from ..report.write import write_tables
     from ..sweep.cells import expand
@@ -104,17 +104,9 @@ def main(args: argparse.Namespace) -> int:
         try:
             with ab.base_worktree(repo, commit) as base_root:
                 base_env = ab.environment_of(base_root, new_env)
-                for env in (base_env, new_env):
-                    env["command"] = command_line()
-                pair = ab.new_ab_dir(args.out, base_env["git"], new_env["git"])
-                trees += [ab.Tree("base", base_root, base_env["git"], pair / "base"),
-                          ab.Tree("new", runs.ROOT, new_env["git"], pair / "new")]
-                for tree, env in zip(trees, (base_env, new_env)):
-                    tree.run_dir.mkdir()
-                    env["ab"] = {"role": tree.role, "base": args.base, "base_commit": commit, "rounds": args.rounds,
-                                 "pair": str(pair)}
-                    runs.write_json(tree.run_dir / runs.ENV, env)
-                    runs.write_json(tree.run_dir / runs.CONFIG, config.to_json())
+                pair, opened = ab.open_pair(args.out, base_root, runs.ROOT, config, base_env, new_env,
+                                            {"base": args.base, "base_commit": commit, "rounds": args.rounds})
+                trees += opened
                 how = ("instructions per call under callgrind, one process per revision, both at once" if counting
                        else f"{args.rounds} rounds × 2 revisions, device {config.device}, "
                             f"{config.threads or 'default'} thread(s)")
