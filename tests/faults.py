@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from helpers import bench_cmd, install_plugin, run_bench
+from helpers import SCALE_LAYERS, bench_cmd, install_plugin, run_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 # The fast timing flags: tiny cells must take a fraction of a second each.
@@ -22,22 +22,11 @@ FAST = ["--repeat", "3", "--min-time", "0", "--max-time", "0.5", "--warmup", "1"
         "--no-plots", "--no-progress"]
 TINY = ["--batch", "2", "--channels", "2", "--input-size", "4"]
 
-FAULTY = '''
-import os
+FAULTY = """
 import resource
-import signal
 import subprocess
 import sys
-import time
-
-import torch
-from layers import InvertibleLayer, LayerInfo, Paper
-
-
-def _info(name, **kw):
-    return LayerInfo(name=name, paper=Paper("fault injection", "tests", "none", 2026), exact_inverse=True,
-                     sequential="none", kernel_sizes="n/a", **kw)
-
+""" + SCALE_LAYERS + '''
 
 def _note_pid(pid, what):
     folder = os.environ.get("FAULT_PID_DIR")
@@ -46,19 +35,8 @@ def _note_pid(pid, what):
             fh.write(str(pid))
 
 
-class Good(InvertibleLayer):
+class Good(_Scale):
     info = _info("fault-good")
-
-    def __init__(self, channels, kernel_size=None, input_size=None):
-        super().__init__(channels, kernel_size, input_size)
-        self.log_scale = torch.nn.Parameter(torch.zeros(channels))
-
-    def _forward(self, x):
-        return (x * self.log_scale.exp()[:, None, None],
-                (x.shape[2] * x.shape[3] * self.log_scale.sum()).expand(x.shape[0]))
-
-    def _inverse(self, z):
-        return z * (-self.log_scale).exp()[:, None, None]
 
 
 class Slow(Good):

@@ -182,6 +182,36 @@ def raw_records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
 
 
+#: The start of a plugin module of misbehaving test layers (``os``, ``signal``, ``time`` and ``torch``
+#: imported): ``_info(name, **kw)``, a LayerInfo with an exact inverse and no kernel size unless
+#: ``kernel_sizes`` is given, and ``_Scale``, an exactly invertible per-channel scale to subclass.
+SCALE_LAYERS = '''
+import os
+import signal
+import time
+
+import torch
+from layers import InvertibleLayer, LayerInfo, Paper
+
+
+def _info(name, **kw):
+    return LayerInfo(name=name, paper=Paper("test layer", "tests", "none", 2026), exact_inverse=True,
+                     sequential="none", kernel_sizes=kw.pop("kernel_sizes", "n/a"), **kw)
+
+
+class _Scale(InvertibleLayer):
+    def __init__(self, channels, kernel_size=None, input_size=None):
+        super().__init__(channels, kernel_size, input_size)
+        self.log_scale = torch.nn.Parameter(torch.zeros(channels))
+
+    def _forward(self, x):
+        return x * self.log_scale.exp()[:, None, None], (x.shape[2] * x.shape[3] * self.log_scale.sum()).expand(x.shape[0])
+
+    def _inverse(self, z):
+        return z * (-self.log_scale).exp()[:, None, None]
+'''
+
+
 def scale_layer_plugin(class_name: str, name: str, forward: str, inverse: str = "return z / self.scale[:, None, None]",
                        doc: str = "") -> str:
     """Source of a plugin module with one test layer ``name``: a per-channel scale whose

@@ -11,38 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import install_plugin, only_run_dir
+from helpers import SCALE_LAYERS, install_plugin, only_run_dir
 from helpers import raw_records as records
 from helpers import run_bench as bench
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--repeat", "2", "--min-time", "0", "--warmup", "1", "--warmup-time", "0", "--no-progress"]
 
-MISBEHAVING = '''
-import os
-import signal
-import time
-
-import torch
-from layers import InvertibleLayer, LayerInfo, Paper
-
-
-def _info(name, **kw):
-    return LayerInfo(name=name, paper=Paper("test layer", "tests", "none", 2026), exact_inverse=True,
-                     sequential="none", kernel_sizes=kw.pop("kernel_sizes", "n/a"), **kw)
-
-
-class _Scale(InvertibleLayer):
-    def __init__(self, channels, kernel_size=None, input_size=None):
-        super().__init__(channels, kernel_size, input_size)
-        self.log_scale = torch.nn.Parameter(torch.zeros(channels))
-
-    def _forward(self, x):
-        return x * self.log_scale.exp()[:, None, None], (x.shape[2] * x.shape[3] * self.log_scale.sum()).expand(x.shape[0])
-
-    def _inverse(self, z):
-        return z * (-self.log_scale).exp()[:, None, None]
-
+MISBEHAVING = SCALE_LAYERS + '''
 
 class FailsInTrain(_Scale):
     info = _info("test-raises")

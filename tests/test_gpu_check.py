@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.commands import gpu_check
+from bench import native_check as gpu_check
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_CXX = shutil.which(os.environ.get("CXX", "c++")) is not None

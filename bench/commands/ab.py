@@ -70,12 +70,13 @@ def main(args: argparse.Namespace) -> int:
     from ..regression import ab
     from ..execution import runs
     from ..report.comparison import markdown, to_json
-    from ..environment import collect, command_line
+    from ..environment import collect
     from ..regression.statistics import compare_records
     from ..report.write import write_tables
     from ..sweep.cells import expand
     from .compare import describe, report
-    from .run import resolve_config
+    from ..execution import drive
+    from ..sweep.resolve import resolve_config
 
     try:
         repo = repository()
@@ -88,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
         config.threads = 1  # see the module docstring
     counting = config.metric == "instructions"
     if counting:
-        from .run import check_instructions
+        from ..execution.instructions import check_config as check_instructions
 
         check_instructions(config)
     cells, skipped = ab.split_supported(expand(config), config.directions)
@@ -98,21 +99,14 @@ def main(args: argparse.Namespace) -> int:
     new_env = collect()
     got: dict = {}
     trees: list = []
-    with ab.sigterm_as_interrupt():
+    # SIGTERM (a CI runner cancelling the job) ends it as Ctrl-C does, with the same clean-up.
+    with drive.sigterm_as_interrupt():
         try:
             with ab.base_worktree(repo, commit) as base_root:
                 base_env = ab.environment_of(base_root, new_env)
-                for env in (base_env, new_env):
-                    env["command"] = command_line()
-                pair = ab.new_ab_dir(args.out, base_env["git"], new_env["git"])
-                trees += [ab.Tree("base", base_root, base_env["git"], pair / "base"),
-                          ab.Tree("new", runs.ROOT, new_env["git"], pair / "new")]
-                for tree, env in zip(trees, (base_env, new_env)):
-                    tree.run_dir.mkdir()
-                    env["ab"] = {"role": tree.role, "base": args.base, "base_commit": commit, "rounds": args.rounds,
-                                 "pair": str(pair)}
-                    runs.write_json(tree.run_dir / runs.ENV, env)
-                    runs.write_json(tree.run_dir / runs.CONFIG, config.to_json())
+                pair, opened = ab.open_pair(args.out, base_root, runs.ROOT, config, base_env, new_env,
+                                            {"base": args.base, "base_commit": commit, "rounds": args.rounds})
+                trees += opened
                 how = ("instructions per call under callgrind, one process per revision, both at once" if counting
                        else f"{args.rounds} rounds × 2 revisions, device {config.device}, "
                             f"{config.threads or 'default'} thread(s)")
@@ -161,7 +155,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _measure_rounds(args, cells, config, trees, got) -> None:
     from ..regression import ab
-    from .run import progress_bar
+    from ..execution.drive import progress_bar
 
     _warn_if_busy(config.device)
     if args.rounds < FEW_ROUNDS:
@@ -179,7 +173,9 @@ def _measure_rounds(args, cells, config, trees, got) -> None:
 
 
 def _warn_if_busy(device: str) -> None:
-    load, cpus = (os.getloadavg()[0] if hasattr(os, "getloadavg") else None), os.cpu_count() or 1
+    from ..execution.drive import load_average
+
+    load, cpus = load_average(), os.cpu_count() or 1
     if device == "cpu" and load is not None and load > 0.5 * cpus:
         print(f"note: the machine is busy (1-minute load average {load:.1f} on {cpus} CPUs); interleaving shares "
               "the noise between the revisions, and the confidence intervals widen with it", file=sys.stderr)

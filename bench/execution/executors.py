@@ -70,25 +70,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="local: one cell after another here (default); gpus: one worker per visible GPU of this "
                         "machine, each pinned with CUDA_VISIBLE_DEVICES; slurm: SLURM job-array tasks through "
                         "submitit, each writing its own shard of records (with --resume: the run's executor)")
-    g.add_argument("--partition", metavar="NAME", help="slurm: partition (default: the cluster's default)")
-    g.add_argument("--gpus-per-task", type=nonneg_int, metavar="N",
-                   help="slurm: GPUs per array task (default 1 for --device cuda, 0 for cpu)")
-    g.add_argument("--cpus-per-task", type=positive_int, metavar="N",
-                   help="slurm: CPUs per array task (default: --threads for cpu cells, 4 for cuda cells)")
-    g.add_argument("--time-limit", type=positive_int, metavar="MIN",
-                   help="slurm: time limit of each array task in minutes (default 60); cells a task has not "
-                        "finished by then are recorded as lost and --resume submits them again")
-    g.add_argument("--array-parallelism", type=positive_int, metavar="N",
-                   help="slurm: at most N array tasks running at once (default 256)")
-    g.add_argument("--cells-per-task", type=positive_int, metavar="N", help="slurm: cells per array task (default 4)")
-    g.add_argument("--sbatch", action="append", metavar="FLAG",
-                   help="slurm: an extra sbatch flag, e.g. --sbatch=--account=proj --sbatch=--qos=high (repeatable)")
-    g.add_argument("--dry-run", action="store_true",
-                   help="slurm: print the job script and the cells of each array task; submit nothing")
+    for dest, kw in SLURM_OPTIONS.items():
+        g.add_argument("--" + dest.replace("_", "-"), **kw)
 
 
-_SLURM_ARGS = ("partition", "gpus_per_task", "cpus_per_task", "time_limit", "array_parallelism", "cells_per_task",
-               "sbatch", "dry_run")
+#: The options of --executor slurm, by destination (the flag is the name with dashes): one list for
+#: the command line, the check that they come with --executor slurm, and SlurmOptions (all but
+#: --dry-run, which is stored nowhere).
+SLURM_OPTIONS: dict[str, dict[str, Any]] = {
+    "partition": dict(metavar="NAME", help="slurm: partition (default: the cluster's default)"),
+    "gpus_per_task": dict(type=nonneg_int, metavar="N",
+                          help="slurm: GPUs per array task (default 1 for --device cuda, 0 for cpu)"),
+    "cpus_per_task": dict(type=positive_int, metavar="N",
+                          help="slurm: CPUs per array task (default: --threads for cpu cells, 4 for cuda cells)"),
+    "time_limit": dict(type=positive_int, metavar="MIN",
+                       help="slurm: time limit of each array task in minutes (default 60); cells a task has not "
+                            "finished by then are recorded as lost and --resume submits them again"),
+    "array_parallelism": dict(type=positive_int, metavar="N",
+                              help="slurm: at most N array tasks running at once (default 256)"),
+    "cells_per_task": dict(type=positive_int, metavar="N", help="slurm: cells per array task (default 4)"),
+    "sbatch": dict(action="append", metavar="FLAG",
+                   help="slurm: an extra sbatch flag, e.g. --sbatch=--account=proj --sbatch=--qos=high (repeatable)"),
+    "dry_run": dict(action="store_true", help="slurm: print the job script and the cells of each array task; submit nothing"),
+}
 
 
 def resolve(args: argparse.Namespace, run_dir: Path | None) -> tuple[str, SlurmOptions]:
@@ -97,13 +101,15 @@ def resolve(args: argparse.Namespace, run_dir: Path | None) -> tuple[str, SlurmO
     if run_dir is not None and (Path(run_dir) / EXECUTOR_FILE).exists():
         stored = json.loads((Path(run_dir) / EXECUTOR_FILE).read_text())
     name = args.executor or stored.get("executor") or "local"
-    given = [a for a in _SLURM_ARGS if getattr(args, a, None) not in (None, False)]
+    given = [a for a in SLURM_OPTIONS if getattr(args, a, None) not in (None, False)]
     if name != "slurm" and given:
         flags = ", ".join(f"--{a.replace('_', '-')}" for a in given)
         raise UsageError(f"{flags} {'applies' if len(given) == 1 else 'apply'} to --executor slurm only "
                          f"(this run's executor is {name})")
     opts = SlurmOptions(**{k: v for k, v in (stored.get("slurm") or {}).items() if k in SlurmOptions.__dataclass_fields__})
-    for a in _SLURM_ARGS[:-1]:
+    for a in SLURM_OPTIONS:
+        if a == "dry_run":
+            continue
         if getattr(args, a, None) is not None:
             setattr(opts, a, getattr(args, a))
     for flag in opts.sbatch:

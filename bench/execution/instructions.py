@@ -48,6 +48,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError
+
 WARMUP_CALLS = 20
 CALLS = 3
 DUMPS = 3
@@ -81,6 +83,19 @@ def require_valgrind() -> str:
         raise InstructionsUnavailable(f"this torch build ({torch.__version__}) has no callgrind bindings on this "
                                       "platform; --metric instructions needs Linux and a standard torch build")
     return path
+
+
+def check_config(config) -> None:
+    """Refuse a sweep ``--metric instructions`` cannot count, before anything runs: one on a GPU,
+    one without worker processes, or one on a machine without valgrind."""
+    if config.device != "cpu":
+        raise UsageError("--metric instructions counts CPU instructions; use it with --device cpu")
+    if not config.isolate:
+        raise UsageError("--metric instructions always runs the cells in a callgrind process; drop --no-isolate")
+    try:
+        require_valgrind()
+    except InstructionsUnavailable as exc:
+        raise UsageError(str(exc)) from None
 
 
 def read_dump(path: Path) -> int:

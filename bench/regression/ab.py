@@ -25,7 +25,6 @@ import datetime as _dt
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..execution.runs import append_record, make_unique_dir
+from ..environment import command_line
+from ..execution.runs import CONFIG, ENV, append_record, make_unique_dir, write_json
 from ..git import GitError, git_state, run_git
 from ..sweep.cells import Cell, SweepConfig
 
@@ -79,24 +79,6 @@ def base_worktree(repo: Path, commit: str) -> Iterator[Path]:
             pass
 
 
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM (a CI runner cancelling the job) into KeyboardInterrupt, so the same cleanup
-    runs as for Ctrl-C."""
-    def handler(signum, frame):  # noqa: ARG001
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 # ---------------------------------------------------------------------------------------------
 # Environment and run folders
 
@@ -123,6 +105,23 @@ def new_ab_dir(out_root: str | os.PathLike, base_git: dict[str, Any], new_git: d
     name = f"{stamp}_ab_{base_git.get('short') or 'nogit'}_{new_git.get('short') or 'nogit'}" \
            f"{'-dirty' if new_git.get('dirty') else ''}"
     return make_unique_dir(Path(out_root), name)
+
+
+def open_pair(out_root: str | os.PathLike, base_root: Path, new_root: Path, config: SweepConfig,
+              base_env: dict[str, Any], new_env: dict[str, Any], ab: dict[str, Any]) -> tuple[Path, list[Tree]]:
+    """The pair folder (:func:`new_ab_dir`) and its two sides, base and new, each an ordinary run
+    folder with its environment record (``ab``: what was compared, added to both) and the config."""
+    for env in (base_env, new_env):
+        env["command"] = command_line()
+    pair = new_ab_dir(out_root, base_env["git"], new_env["git"])
+    trees = [Tree("base", base_root, base_env["git"], pair / "base"),
+             Tree("new", new_root, new_env["git"], pair / "new")]
+    for tree, env in zip(trees, (base_env, new_env)):
+        tree.run_dir.mkdir()
+        env["ab"] = {"role": tree.role, **ab, "pair": str(pair)}
+        write_json(tree.run_dir / ENV, env)
+        write_json(tree.run_dir / CONFIG, config.to_json())
+    return pair, trees
 
 
 # ---------------------------------------------------------------------------------------------

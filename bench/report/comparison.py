@@ -8,7 +8,7 @@ from typing import Any
 from tabulate import tabulate
 
 from ..regression.statistics import ALPHA, CONFIDENCE, PROCESS_NOISE_BOUND, THRESHOLDS, Comparison, Row
-from .tables import fmt_count, fmt_ms
+from .tables import fmt_count, fmt_ms, fmt_number
 
 
 def _value(row: Row, v: float | None) -> str:
@@ -19,13 +19,7 @@ _ORDER = ["broken", "slower", "inconclusive", "faster", "fixed", "unsupported", 
 
 
 def fmt_ratio(r: float | None) -> str:
-    if r is None:
-        return "–"
-    if r >= 100:
-        return f"{r:.0f}×"
-    if r >= 10:
-        return f"{r:.1f}×"
-    return f"{r:.2f}×"
+    return "–" if r is None else fmt_number(r, most_decimals=2) + "×"
 
 
 def fmt_p(p: float | None) -> str:

@@ -66,17 +66,18 @@ class Table:
 # Number formatting
 
 
-def fmt_ms(v: float | None) -> str:
+def fmt_number(v: float | None, most_decimals: int = 3) -> str:
+    """About three significant digits: 0 decimals from 100, 1 from 10, 2 from 1, then 3, at most
+    ``most_decimals``; "–" for no value."""
     if v is None:
         return "–"
     a = abs(v)
-    if a >= 100:
-        return f"{v:.0f}"
-    if a >= 10:
-        return f"{v:.1f}"
-    if a >= 1:
-        return f"{v:.2f}"
-    return f"{v:.3f}"
+    decimals = 0 if a >= 100 else 1 if a >= 10 else 2 if a >= 1 else 3
+    return f"{v:.{min(decimals, most_decimals)}f}"
+
+
+def fmt_ms(v: float | None) -> str:
+    return fmt_number(v)
 
 
 def fmt_bytes(v: float | None) -> str:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from layers import native
 from layers.causal import assemble_weight, causal_padding, solve
 
+from ..sweep.cells import Cell
 from .clock import Clock
 from .stats import Measurement
 
@@ -53,16 +54,8 @@ OP_PASSES = {"native solve": 1, "native solve+backward": 3, "torch solve": 1, "t
              "conv2d": 1, "conv2d+wgrad": 2, "native solve, 1 thread": 1, "inverse-flow forward": 1}
 
 
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    device: str
-    dtype: str
-    batch: int
-    channels: int
-    height: int
-    width: int
-    kernel_size: int
-    orientation: str
+class _ShapeMethods:
+    """What one solve's shape says of itself (the fields are :data:`Shape`'s)."""
 
     def label(self) -> str:
         return (f"B={self.batch} C={self.channels} {self.height}×{self.width} k={self.kernel_size} "
@@ -71,6 +64,18 @@ class Shape:
     def flops(self) -> int:
         """FLOP of one k×k convolution of this shape (= of one solve): 2·B·H·W·C²·k²."""
         return 2 * self.batch * self.height * self.width * self.channels**2 * self.kernel_size**2
+
+
+#: One solve's shape: the tensor geometry of a sweep cell (the fields of
+#: :class:`bench.sweep.cells.Cell` of that name, taken from it so there is one list), the kernel size
+#: and the orientation.
+Shape = dataclasses.make_dataclass(
+    "Shape",
+    [(f.name, f.type) for f in dataclasses.fields(Cell)
+     if f.name in ("device", "dtype", "batch", "channels", "height", "width")]
+    + [("kernel_size", int), ("orientation", str)],
+    bases=(_ShapeMethods,), frozen=True)
+Shape.__module__ = __name__
 
 
 @dataclasses.dataclass
