@@ -271,7 +271,7 @@ def _run_fallback(case, device, checks):
     from layers.causal import solve_reference
 
     y, g, weight = _inputs(case, device)
-    err = native._plan_error(y, case["k"])
+    err = native.plan_error(y, case["k"])
     os.environ[native.SOLVER_ENV] = "auto"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -48,6 +48,8 @@ __all__ = [
     "SOLVER_ENV",
     "SOLVER_MODES",
     "BuildStatus",
+    "build_statuses",
+    "cpu_isa_code",
     "NativeKernels",
     "NativeUnavailableError",
     "cpu_isa",
@@ -59,6 +61,7 @@ __all__ = [
     "fallbacks",
     "kernels_for",
     "load",
+    "plan_error",
     "requested_mode",
     "solver_status",
     "source_dir",
@@ -116,6 +119,11 @@ _lock = threading.Lock()
 _status: dict[str, BuildStatus] = {}
 
 
+def build_statuses() -> dict[str, BuildStatus]:
+    """What this process knows of each device's native build so far (a copy): available, compiled here, seconds."""
+    return dict(_status)  # copied under the GIL; not under _lock, which a build holds for a minute
+
+
 def requested_mode() -> str:
     """The value of ``INVCONV_SOLVER`` (default ``auto``); a clear error for anything else."""
     mode = os.environ.get(SOLVER_ENV, "auto").strip().lower() or "auto"
@@ -125,7 +133,8 @@ def requested_mode() -> str:
     return mode
 
 
-def _cpu_isa_code() -> int:
+def cpu_isa_code() -> int:
+    """The native CPU kernel's ISA code for ``INVCONV_CPU_ISA`` (default ``auto``); a clear error for anything else."""
     isa = os.environ.get(CPU_ISA_ENV, "auto").strip().lower() or "auto"
     if isa not in _CPU_ISAS:
         raise ValueError(f"{CPU_ISA_ENV}={isa!r} is not valid; accepted values: {', '.join(_CPU_ISAS)}")
@@ -286,7 +295,7 @@ def cpu_isa() -> str:
     status = load("cpu")
     if not status.available:
         raise NativeUnavailableError(f"native CPU solver unavailable: {status.reason}")
-    code = _cpu_isa_code()
+    code = cpu_isa_code()
     return {1: "generic", 2: "avx2+fma", 3: "avx512"}.get(code) or torch.ops.invconv_cpu.isa()
 
 
@@ -296,22 +305,22 @@ def cpu_isa() -> str:
 
 def _cpu_solve(y, weight, orientation, unit_diagonal):
     return torch.ops.invconv_cpu.solve(y, weight, ORIENTATION_CODES[orientation], unit_diagonal, False,
-                                       _cpu_isa_code())
+                                       cpu_isa_code())
 
 
 def _cpu_adjoint(g, weight, orientation, unit_diagonal):
     return torch.ops.invconv_cpu.solve(g, weight, ORIENTATION_CODES[orientation], unit_diagonal, True,
-                                       _cpu_isa_code())
+                                       cpu_isa_code())
 
 
 def _cpu_weight_grad(x, grad_out, kernel_size, orientation):
     return torch.ops.invconv_cpu.weight_grad(x, grad_out, kernel_size, ORIENTATION_CODES[orientation],
-                                             _cpu_isa_code())
+                                             cpu_isa_code())
 
 
 def _cpu_backward(grad, weight, x, orientation, unit_diagonal, need_weight_grad):
     return torch.ops.invconv_cpu.solve_backward(grad, weight, x, ORIENTATION_CODES[orientation], unit_diagonal,
-                                                need_weight_grad, _cpu_isa_code())
+                                                need_weight_grad, cpu_isa_code())
 
 
 def _cuda_solve(y, weight, orientation, unit_diagonal):
@@ -385,7 +394,7 @@ def cuda_plan_error(device_index: int, dtype: torch.dtype, channels: int, height
     return err or None
 
 
-def _plan_error(y: torch.Tensor, kernel_size: int) -> str | None:
+def plan_error(y: torch.Tensor, kernel_size: int) -> str | None:
     """Why the native solve of ``y``'s device cannot run this shape, or ``None``."""
     if y.device.type != "cuda":
         return None  # the CPU kernel has no shape limit
@@ -411,7 +420,7 @@ def _usable_backend(y: torch.Tensor, kernel_size: int, mode: str) -> str:
     backend = _native_backend(y.device.type, y.dtype, mode)
     if not backend:
         return ""
-    err = _plan_error(y, kernel_size)
+    err = plan_error(y, kernel_size)
     if err is None:
         return backend
     what = (f"C={y.shape[1]} {y.shape[2]}x{y.shape[3]} k={kernel_size} {str(y.dtype).replace('torch.', '')} "
@@ -458,11 +467,11 @@ def fallbacks() -> list[str]:
 
 
 def _cpu_differentiable(y, weight, orientation, unit_diagonal):
-    return torch.ops.invconv_cpu.causal_solve(y, weight, orientation, unit_diagonal, _cpu_isa_code())
+    return torch.ops.invconv_cpu.causal_solve(y, weight, orientation, unit_diagonal, cpu_isa_code())
 
 
 def _cpu_masked(y, off_centre, lower, diagonal, orientation):
-    return torch.ops.invconv_cpu.masked_solve(y, off_centre, lower, diagonal, orientation, _cpu_isa_code())
+    return torch.ops.invconv_cpu.masked_solve(y, off_centre, lower, diagonal, orientation, cpu_isa_code())
 
 
 def kernels_for(device: torch.device | str, dtype: torch.dtype, *, required: bool = False) -> NativeKernels | None:

@@ -68,7 +68,7 @@ def test_cpu_masked_ops_pass_opcheck(cpu_ops, orientation, unit):
     lower = (torch.randn(c * (c - 1) // 2, dtype=torch.float64) * 0.2).requires_grad_()
     diag = None if unit else (1.0 + 0.3 * torch.rand(c, dtype=torch.float64)).requires_grad_()
     y = torch.randn(2, c, 4, 5, dtype=torch.float64, requires_grad=True)
-    isa = native._cpu_isa_code()
+    isa = native.cpu_isa_code()
     torch.library.opcheck(torch.ops.invconv_cpu.masked_solve.default, (y, off, lower, diag, code, isa))
     x = torch.ops.invconv_cpu.masked_solve(y.detach(), off.detach(), lower.detach(),
                                            None if unit else diag.detach(), code, isa)
@@ -83,7 +83,7 @@ def test_cpu_masked_op_equals_the_solve_of_the_assembled_weight(cpu_ops, unit):
     """Bit for bit: the op assembles the weight layers.causal.assemble_weight builds and runs the
     same kernel; its backward's parameter gradients are the weight gradient's free entries."""
     c, k, o = 5, 3, "BL"
-    code, isa = native.ORIENTATION_CODES[o], native._cpu_isa_code()
+    code, isa = native.ORIENTATION_CODES[o], native.cpu_isa_code()
     off = torch.randn(c, c, k * k - 1, dtype=torch.float64) * 0.1
     lower = torch.randn(c * (c - 1) // 2, dtype=torch.float64) * 0.1
     diag = None if unit else 1.0 + 0.3 * torch.rand(c, dtype=torch.float64)
@@ -238,7 +238,7 @@ def test_torch_compile_inductor_matches_eager(monkeypatch, cpu_ops, name):
 def shape_does_not_fit(monkeypatch, cpu_ops):
     """As if the kernel's planner had rejected every shape (on a GPU: too little shared memory)."""
     reason = "invconv_cuda: this shape does not fit in shared memory (simulated)"
-    monkeypatch.setattr(native, "_plan_error", lambda y, k: reason)
+    monkeypatch.setattr(native, "plan_error", lambda y, k: reason)
     monkeypatch.setattr(native, "_fallbacks", {})
     return reason
 

@@ -135,9 +135,7 @@ def check_solver() -> None:
 
     try:
         native.requested_mode()
-        isa = getattr(native, "_cpu_isa_code", None)
-        if isa is not None:
-            isa()
+        native.cpu_isa_code()
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

@@ -222,7 +222,7 @@ def machine_peak(device: str, dtype: str) -> dict | None:
     if device != "cpu" or not native.load("cpu").available:
         return None
     ops = torch.ops.invconv_cpu
-    code = native._cpu_isa_code()
+    code = native.cpu_isa_code()
     with _threads(1):
         ghz = float(ops.clock_ghz(200))
         rate = float(ops.peak_flops(code, dtype == "float64", 200))
@@ -308,6 +308,6 @@ def environment(device: str) -> dict:
         env["gpu_memory_gib"] = round(gpu["total_memory_bytes"] / 2**30, 1)
         env["gpu_sm_count"] = gpu["multiprocessors"]
         env["gpu_driver"] = gpu["driver"] or "unknown"
-    env["native_first_use_s"] = {d: s.seconds for d, s in native._status.items() if s.available}
-    env["native_compiled_in_this_process"] = {d: s.compiled for d, s in native._status.items() if s.available}
+    env["native_first_use_s"] = {d: s.seconds for d, s in native.build_statuses().items() if s.available}
+    env["native_compiled_in_this_process"] = {d: s.compiled for d, s in native.build_statuses().items() if s.available}
     return env
