@@ -265,8 +265,6 @@ def _run_device2(case, device, checks):
 def _run_fallback(case, device, checks):
     import warnings
 
-    import torch
-
     from layers import causal, native
     from layers.causal import solve_reference
 
@@ -316,14 +314,14 @@ def _run_layer(case, device, checks):
         checks.close(f"native vs reference: {n}", _rel(a, b), 1e-3 if n.startswith("grad") else 1e-4)
 
 
-def _run_graph(case, device, checks):
+def graph_replay(layer, x):
+    """``layer``'s forward and inverse on ``x`` captured in one CUDA graph (after warm-up calls
+    on a side stream: builds, plans and kernel attributes happen outside the capture), then
+    replayed on fresh data copied into ``x``. Returns the replayed (z, logdet, inverse of z) and
+    the fresh input, for comparing with eager calls on it."""
     import torch
 
-    import layers
-
-    torch.manual_seed(0)
-    layer = layers.create(case["name"], channels=case["shape"][1], kernel_size=3).to(device)
-    x = torch.randn(*case["shape"], device=device)
+    device = x.device
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.no_grad(), torch.cuda.stream(side):
@@ -338,6 +336,18 @@ def _run_graph(case, device, checks):
     x.copy_(fresh)
     graph.replay()
     torch.cuda.synchronize(device)
+    return z, logdet, x_back, fresh
+
+
+def _run_graph(case, device, checks):
+    import torch
+
+    import layers
+
+    torch.manual_seed(0)
+    layer = layers.create(case["name"], channels=case["shape"][1], kernel_size=3).to(device)
+    x = torch.randn(*case["shape"], device=device)
+    z, logdet, x_back, fresh = graph_replay(layer, x)
     with torch.no_grad():
         z_ref, logdet_ref = layer(fresh)
         checks.close("graph replay vs eager: z", _rel(z, z_ref), 1e-5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,23 @@ from types import SimpleNamespace
 import torch
 
 from layers.causal import causal_conv2d
+
+
+#: A C++ compiler on PATH: without one the native CPU solver cannot be built and its tests skip.
+HAS_CXX = shutil.which(os.environ.get("CXX", "c++")) is not None
+
+
+def require_native_cpu() -> None:
+    """Skip without a compiler; with one, the native CPU solver must build (a failed build is a
+    failure, not a skip)."""
+    import pytest
+
+    from layers import native
+
+    if not HAS_CXX:
+        pytest.skip("no C++ compiler on PATH: the native CPU solver cannot be built here")
+    status = native.load("cpu")
+    assert status.available, f"the native CPU solver did not build:\n{status.reason}"
 
 
 def dense_conv_matrix(weight: torch.Tensor, orientation: str, height: int, width: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import dense_conv_matrix, random_causal_weight, solve_gradcheck
+from helpers import HAS_CXX, dense_conv_matrix, random_causal_weight, require_native_cpu, solve_gradcheck
 
 import layers
 from layers import causal, native
@@ -29,16 +29,12 @@ from layers.causal import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-HAS_CXX = shutil.which(os.environ.get("CXX", "c++")) is not None
 CUDA = torch.cuda.is_available()
 
 
 @pytest.fixture(scope="module")
 def cpu_kernels():
-    if not HAS_CXX:
-        pytest.skip("no C++ compiler on PATH: the native CPU solver cannot be built here")
-    status = native.load("cpu")
-    assert status.available, f"the native CPU solver did not build:\n{status.reason}"
+    require_native_cpu()
     return native.kernels_for("cpu", torch.float64)
 
 

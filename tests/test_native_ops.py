@@ -2,29 +2,24 @@
 layer against eager, the fallback of ``INVCONV_SOLVER=auto`` for shapes the kernel cannot run, the
 CUDA build's cache key, and (where a GPU is present) CUDA-graph capture."""
 
-import os
-import shutil
 import sys
 
 import pytest
 
 import torch
-from helpers import random_causal_weight
+from helpers import random_causal_weight, require_native_cpu
 
 import layers
+from bench.native_check import graph_replay
 from layers import causal, native
 from layers.causal import ORIENTATIONS, solve_reference
 
-HAS_CXX = shutil.which(os.environ.get("CXX", "c++")) is not None
 CUDA = torch.cuda.is_available()
 
 
 @pytest.fixture(scope="module")
 def cpu_ops():
-    if not HAS_CXX:
-        pytest.skip("no C++ compiler on PATH: the native CPU solver cannot be built here")
-    status = native.load("cpu")
-    assert status.available, f"the native CPU solver did not build:\n{status.reason}"
+    require_native_cpu()
 
 
 @pytest.mark.parametrize("orientation", ORIENTATIONS)
@@ -298,21 +293,7 @@ def test_cuda_graph_capture_of_a_layer_call(monkeypatch, name):
     monkeypatch.setenv(native.SOLVER_ENV, "native")
     layer = layers.create(name, channels=12, kernel_size=3).cuda()
     x = torch.randn(8, 12, 32, 32, device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.no_grad(), torch.cuda.stream(side):
-        for _ in range(3):  # warm-up outside the capture: build, plans, kernel attributes
-            z, _ = layer(x)
-            layer.inverse(z)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        z, logdet = layer(x)
-        x_back = layer.inverse(z)
-    fresh = torch.randn_like(x)
-    x.copy_(fresh)
-    graph.replay()
-    torch.cuda.synchronize()
+    z, logdet, x_back, fresh = graph_replay(layer, x)
     with torch.no_grad():
         z_ref, logdet_ref = layer(fresh)
         torch.testing.assert_close(z, z_ref)
