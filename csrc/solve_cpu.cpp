@@ -265,56 +265,6 @@ struct Scratch {
   }
 };
 
-// wf[da][db][c][o] (o padded to Cp with zeros): L⁻¹ at the centre, -L⁻¹·W_(a,b) elsewhere, for
-// the logical tap (da, db) of orientation (flip_h, flip_w); the adjoint reads
-// W'[o][c][a][b] = W[C-1-c][C-1-o][k-1-a][k-1-b] by index arithmetic (docs/math.md §4).
-template <class T>
-void fold_weights(const T* w, int C, int k, bool flip_h, bool flip_w, bool adjoint, bool unit, T* wf, int Cp) {
-  const int kk = k * k;
-  auto weff = [&](int o, int c, int a, int b) -> T {
-    if (adjoint) return w[((ptrdiff_t)(C - 1 - c) * C + (C - 1 - o)) * kk + (k - 1 - a) * k + (k - 1 - b)];
-    return w[((ptrdiff_t)o * C + c) * kk + a * k + b];
-  };
-  auto tap_a = [&](int da) { return flip_h ? da : k - 1 - da; };
-  auto tap_b = [&](int db) { return flip_w ? db : k - 1 - db; };
-  const int a0 = tap_a(0), b0 = tap_b(0);
-  // linvT[m][o] = L⁻¹[o][m], by forward substitution row by row of L⁻¹.
-  std::vector<T> linv((size_t)C * C, T(0)), linvT((size_t)C * C, T(0));
-  for (int o = 0; o < C; ++o) {
-    T* row = &linv[(size_t)o * C];
-    row[o] = T(1);
-    for (int m = 0; m < o; ++m) {
-      const T l = weff(o, m, a0, b0);
-      if (l != T(0))
-        for (int c = 0; c <= m; ++c) row[c] -= l * linv[(size_t)m * C + c];
-    }
-    if (!unit) {
-      const T d = weff(o, o, a0, b0);
-      for (int c = 0; c <= o; ++c) row[c] /= d;
-    }
-  }
-  for (int o = 0; o < C; ++o)
-    for (int m = 0; m < C; ++m) linvT[(size_t)m * C + o] = linv[(size_t)o * C + m];
-  std::fill(wf, wf + (size_t)kk * C * Cp, T(0));
-  for (int c = 0; c < C; ++c)
-    for (int o = 0; o < C; ++o) wf[(size_t)c * Cp + o] = linv[(size_t)o * C + c];
-  for (int da = 0; da < k; ++da)
-    for (int db = 0; db < k; ++db) {
-      if (da == 0 && db == 0) continue;
-      T* t = wf + (size_t)(da * k + db) * C * Cp;
-      const int a = tap_a(da), b = tap_b(db);
-      for (int m = 0; m < C; ++m) {
-        const T* lm = &linvT[(size_t)m * C];
-        for (int c = 0; c < C; ++c) {
-          const T v = weff(m, c, a, b);
-          if (v == T(0)) continue;
-          T* tc = t + (size_t)c * Cp;
-          for (int o = m; o < C; ++o) tc[o] -= lm[o] * v;
-        }
-      }
-    }
-}
-
 // Vector multiply-adds below which a parallel task is not worth waking another thread for
 // (about 10 µs of work): tiny solves (tests, small layers) then run on the calling thread, which
 // also keeps them clear of OpenMP barrier stalls on a loaded machine.
@@ -533,7 +483,7 @@ void run_solve(const at::Tensor& y, const at::Tensor& w, at::Tensor& x, int orie
   const int eff = adjoint ? (orientation ^ 3) : orientation;  // the transpose reads the opposite quadrant
   const bool flip_h = eff & 2, flip_w = eff & 1;
   Scratch<T> wf((size_t)k * k * C * Cp);
-  fold_weights<T>(w.data_ptr<T>(), C, k, flip_h, flip_w, adjoint, unit, wf.ptr, Cp);
+  K::FW::run(w.data_ptr<T>(), C, k, flip_h, flip_w, adjoint, unit, wf.ptr, Cp);
   std::vector<int> chan(C);
   for (int c = 0; c < C; ++c) chan[c] = adjoint ? C - 1 - c : c;
   solve_images<K>(y.data_ptr<T>(), x.data_ptr<T>(), B, wf.ptr, chan.data(), C, Cp, H, W, k, flip_h, flip_w);
@@ -567,7 +517,7 @@ void run_backward(const at::Tensor& g, const at::Tensor& w, const at::Tensor& x,
   const bool flip_h = eff & 2, flip_w = eff & 1;
   const int pt = (orientation & 2) ? 0 : k - 1, pl = (orientation & 1) ? 0 : k - 1;  // forward padding
   Scratch<T> wf((size_t)k * k * C * Cp);
-  fold_weights<T>(w.data_ptr<T>(), C, k, flip_h, flip_w, /*adjoint=*/true, unit, wf.ptr, Cp);
+  K::FW::run(w.data_ptr<T>(), C, k, flip_h, flip_w, /*adjoint=*/true, unit, wf.ptr, Cp);
   std::vector<int> chan(C);
   for (int c = 0; c < C; ++c) chan[c] = C - 1 - c;
   const T* gp = g.data_ptr<T>();

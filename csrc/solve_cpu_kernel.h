@@ -15,7 +15,7 @@
 // Logical coordinates. Every orientation is solved as TL in mirrored coordinates: logical row i
 // and column j map to physical (h, w) = (T ? i : H-1-i, L ? j : W-1-j), and the logical tap
 // (da, db) reads logical pixel (i-da, j-db). The folded weight `wf[da][db][c][o]` (built by
-// fold_weights in solve_cpu.cpp) already holds -L⁻¹·W at the off-centre taps and L⁻¹ at the
+// Fold::run below) already holds -L⁻¹·W at the off-centre taps and L⁻¹ at the
 // centre, so that
 //
 //     x[i][j][o] = Σ_{da,db,c} wf[da][db][c][o] · plane[i-da][j-db][c]
@@ -74,6 +74,74 @@ static INVCONV_INLINE void for_each_oblock(int Cp, Fn&& f) {
     default: f(OBlock<Ops, 1, 1, 1>{}, o0); break;
   }
 }
+
+// wf[da][db][c][o] (o padded to Cp with zeros): L⁻¹ at the centre, -L⁻¹·W_(a,b) elsewhere, for
+// the logical tap (da, db) of orientation (flip_h, flip_w); the adjoint reads
+// W'[o][c][a][b] = W[C-1-c][C-1-o][k-1-a][k-1-b] by index arithmetic (docs/math.md §4). Compiled
+// per SIMD target like the rest, so that the innermost loops (over the Cp output lanes) are
+// vectorised: it runs on the calling thread before every solve (about 3 µs at C = 12, k = 3 for
+// the baseline ISA, a tenth of a one-image solve).
+template <class Ops>
+struct Fold {
+  using T = typename Ops::T;
+  static void run(const T* w, int C, int k, bool flip_h, bool flip_w, bool adjoint, bool unit, T* wf, int Cp) {
+    const int kk = k * k;
+    auto weff = [&](int o, int c, int a, int b) -> T {
+      if (adjoint) return w[((ptrdiff_t)(C - 1 - c) * C + (C - 1 - o)) * kk + (k - 1 - a) * k + (k - 1 - b)];
+      return w[((ptrdiff_t)o * C + c) * kk + a * k + b];
+    };
+    auto tap_a = [&](int da) { return flip_h ? da : k - 1 - da; };
+    auto tap_b = [&](int db) { return flip_w ? db : k - 1 - db; };
+    const int a0 = tap_a(0), b0 = tap_b(0);
+    // L⁻¹ by forward substitution row by row; its transpose goes straight into the centre tap,
+    // wf[0][0][m][o] = L⁻¹[o][m] (zero for o < m and in the padded lanes).
+    std::vector<T> linv((size_t)C * C, T(0));
+    for (int o = 0; o < C; ++o) {
+      T* row = &linv[(size_t)o * C];
+      row[o] = T(1);
+      for (int m = 0; m < o; ++m) {
+        const T l = weff(o, m, a0, b0);
+        if (l != T(0))
+          for (int c = 0; c <= m; ++c) row[c] -= l * linv[(size_t)m * C + c];
+      }
+      if (!unit) {
+        const T d = weff(o, o, a0, b0);
+        for (int c = 0; c <= o; ++c) row[c] /= d;
+      }
+    }
+    std::fill(wf, wf + (size_t)kk * C * Cp, T(0));
+    for (int m = 0; m < C; ++m)
+      for (int o = m; o < C; ++o) wf[(size_t)m * Cp + o] = linv[(size_t)o * C + m];
+    // The other taps: wf[t][c][o] = -Σ_m L⁻¹[o][m]·W[m][c], accumulated over m in increasing
+    // order for every (c, o); the rows of the centre tap are L⁻¹ transposed, zero where o < m.
+    for (int da = 0; da < k; ++da)
+      for (int db = 0; db < k; ++db) {
+        if (da == 0 && db == 0) continue;
+        T* t = wf + (size_t)(da * k + db) * C * Cp;
+        const int a = tap_a(da), b = tap_b(db);
+        for_each_oblock<Ops>(Cp, [&](auto blk, int o0) {
+          using B = decltype(blk);
+          using F = typename Ops::F;
+          using H = typename Ops::H;
+          using Q = typename Ops::Q;
+          for (int m = 0; m < C; ++m) {
+            const T* lm = wf + (size_t)m * Cp + o0;
+            for (int c = 0; c < C; ++c) {
+              const T nv = -weff(m, c, a, b);
+              if (nv == T(0)) continue;
+              T* tc = t + (size_t)c * Cp + o0;
+              for (int v = 0; v < B::kVecsF; ++v)
+                F::store(tc + v * F::N, F::fmadd(F::load(lm + v * F::N), F::bcast(&nv), F::load(tc + v * F::N)));
+              if constexpr (B::kVecsH > 0)
+                H::store(tc + B::kHOff, H::fmadd(H::load(lm + B::kHOff), H::bcast(&nv), H::load(tc + B::kHOff)));
+              if constexpr (B::kVecsQ > 0)
+                Q::store(tc + B::kQOff, Q::fmadd(Q::load(lm + B::kQOff), Q::bcast(&nv), Q::load(tc + B::kQOff)));
+            }
+          }
+        });
+      }
+  }
+};
 
 template <class Ops>
 struct RowSolver {
@@ -529,5 +597,6 @@ struct Kit {
   using RS = RowSolver<Ops>;
   using WG = WeightGrad<Ops>;
   using PW = Pointwise<Ops>;
+  using FW = Fold<Ops>;
   using PK = Peak<Ops>;
 };
