@@ -335,18 +335,6 @@ struct StripSync {
   INVCONV_INLINE void after(int i) const { mine->store(i + 1, std::memory_order_release); }
 };
 
-// Logical column where strip s of S begins (s = S: the end of the row): an even split, moved by
-// at most half a cache line so that the strips' edges fall on cache-line boundaries of the NCHW
-// output rows (no line of x written by two threads) where the rows start on such boundaries and
-// the strips are at least two lines wide.
-int strip_edge(int W, int S, int s, bool flip_w, size_t elem) {
-  const int even = (int)((int64_t)W * s / S);
-  const int line = std::max(1, (int)(64 / elem));
-  if (s <= 0 || s >= S || W % line != 0 || W / S < 2 * line) return even;
-  const int phys = flip_w ? W - even : even;  // the physical column of the edge
-  const int snapped = (phys + line / 2) / line * line;
-  return flip_w ? W - snapped : snapped;
-}
 
 // The 1×1 solve of B images (see Pointwise): tasks are runs of pixels, of whole images or
 // within one, sized so that each is worth a thread (kParallelGrainOps).
@@ -419,10 +407,10 @@ void solve_images(const typename K::O::T* yp, typename K::O::T* xp, int64_t B, c
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / S;
       const int s = (int)(t % S);
+      const int jb = (int)((int64_t)W * s / S), je = (int)((int64_t)W * (s + 1) / S);
       StripSync sync{s == 0 ? nullptr : &done[t - 1].rows, &done[t].rows};
       RS::solve_rows(yp + b * image, xp + b * image, wf, chan, C, Cp, H, W, k, flip_h, flip_w, buffer.ptr + b * rows,
-                     H, strip_edge(W, S, s, flip_w, sizeof(T)), strip_edge(W, S, s + 1, flip_w, sizeof(T)),
-                     typename RS::Work{acc.ptr, taps.data()}, sync);
+                     H, jb, je, typename RS::Work{acc.ptr, taps.data()}, sync);
     }
   });
 }
