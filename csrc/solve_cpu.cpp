@@ -60,6 +60,13 @@ struct VX {
   static INVCONV_INLINE vec bcast(const T* p) { return vec{} + *p; }
   static INVCONV_INLINE vec fmadd(vec a, vec b, vec c) { return a * b + c; }
   static INVCONV_INLINE vec add(vec a, vec b) { return a + b; }
+  static INVCONV_INLINE T hsum(vec v) {
+    T a[LANES];
+    std::memcpy(a, &v, sizeof v);
+    T s = a[0];
+    for (int i = 1; i < LANES; ++i) s += a[i];
+    return s;
+  }
 };
 template <class TT, class VV, int LANES>
 struct OpsVX {
@@ -91,6 +98,11 @@ using OpsF64 = OpsVX<double, vd2, 2>;
     static INVCONV_INLINE vec bcast(const T* p) { return _mm256_broadcast_ss(p); }                  \
     static INVCONV_INLINE vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }       \
     static INVCONV_INLINE vec add(vec a, vec b) { return _mm256_add_ps(a, b); }                     \
+    static INVCONV_INLINE T hsum(vec v) {                                                           \
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));                \
+      h = _mm_add_ps(h, _mm_movehl_ps(h, h));                                                       \
+      return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));                                 \
+    }                                                                                               \
   };                                                                                                \
   struct F32x4 {                                                                                    \
     using T = float;                                                                                \
@@ -102,6 +114,10 @@ using OpsF64 = OpsVX<double, vd2, 2>;
     static INVCONV_INLINE vec bcast(const T* p) { return _mm_broadcast_ss(p); }                     \
     static INVCONV_INLINE vec fmadd(vec a, vec b, vec c) { return _mm_fmadd_ps(a, b, c); }          \
     static INVCONV_INLINE vec add(vec a, vec b) { return _mm_add_ps(a, b); }                        \
+    static INVCONV_INLINE T hsum(vec v) {                                                           \
+      v = _mm_add_ps(v, _mm_movehl_ps(v, v));                                                       \
+      return _mm_cvtss_f32(_mm_add_ss(v, _mm_shuffle_ps(v, v, 1)));                                 \
+    }                                                                                               \
   };                                                                                                \
   struct F64x4 {                                                                                    \
     using T = double;                                                                               \
@@ -113,6 +129,10 @@ using OpsF64 = OpsVX<double, vd2, 2>;
     static INVCONV_INLINE vec bcast(const T* p) { return _mm256_broadcast_sd(p); }                  \
     static INVCONV_INLINE vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_pd(a, b, c); }       \
     static INVCONV_INLINE vec add(vec a, vec b) { return _mm256_add_pd(a, b); }                     \
+    static INVCONV_INLINE T hsum(vec v) {                                                           \
+      const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));         \
+      return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));                                   \
+    }                                                                                               \
   };                                                                                                \
   struct F64x2 {                                                                                    \
     using T = double;                                                                               \
@@ -124,6 +144,7 @@ using OpsF64 = OpsVX<double, vd2, 2>;
     static INVCONV_INLINE vec bcast(const T* p) { return _mm_loaddup_pd(p); }                       \
     static INVCONV_INLINE vec fmadd(vec a, vec b, vec c) { return _mm_fmadd_pd(a, b, c); }          \
     static INVCONV_INLINE vec add(vec a, vec b) { return _mm_add_pd(a, b); }                        \
+    static INVCONV_INLINE T hsum(vec v) { return _mm_cvtsd_f64(_mm_add_sd(v, _mm_unpackhi_pd(v, v))); }\
   };
 
 // ---------------------------------------------------------------------------------------------
@@ -171,6 +192,7 @@ struct F32x16 {
   static INVCONV_INLINE vec bcast(const T* p) { return _mm512_set1_ps(*p); }
   static INVCONV_INLINE vec fmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
   static INVCONV_INLINE vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
+  static INVCONV_INLINE T hsum(vec v) { return _mm512_reduce_add_ps(v); }
 };
 struct F64x8 {
   using T = double;
@@ -182,6 +204,7 @@ struct F64x8 {
   static INVCONV_INLINE vec bcast(const T* p) { return _mm512_set1_pd(*p); }
   static INVCONV_INLINE vec fmadd(vec a, vec b, vec c) { return _mm512_fmadd_pd(a, b, c); }
   static INVCONV_INLINE vec add(vec a, vec b) { return _mm512_add_pd(a, b); }
+  static INVCONV_INLINE T hsum(vec v) { return _mm512_reduce_add_pd(v); }
 };
 struct OpsF32 {
   using T = float;
@@ -231,66 +254,16 @@ bool cpu_has_avx512() {
 #endif
 }
 
-// Aligned scratch that is zero on allocation.
+// Aligned scratch, zero on allocation unless asked not to be.
 template <class T>
 struct Scratch {
   std::unique_ptr<T[]> raw;
   T* ptr = nullptr;
-  explicit Scratch(size_t n) : raw(new T[n + 64 / sizeof(T)]()) {
+  explicit Scratch(size_t n, bool zero = true) : raw(zero ? new T[n + 64 / sizeof(T)]() : new T[n + 64 / sizeof(T)]) {
     auto addr = reinterpret_cast<uintptr_t>(raw.get());
     ptr = raw.get() + ((64 - addr % 64) % 64) / sizeof(T);
   }
 };
-
-// wf[da][db][c][o] (o padded to Cp with zeros): L⁻¹ at the centre, -L⁻¹·W_(a,b) elsewhere, for
-// the logical tap (da, db) of orientation (flip_h, flip_w); the adjoint reads
-// W'[o][c][a][b] = W[C-1-c][C-1-o][k-1-a][k-1-b] by index arithmetic (docs/math.md §4).
-template <class T>
-void fold_weights(const T* w, int C, int k, bool flip_h, bool flip_w, bool adjoint, bool unit, T* wf, int Cp) {
-  const int kk = k * k;
-  auto weff = [&](int o, int c, int a, int b) -> T {
-    if (adjoint) return w[((ptrdiff_t)(C - 1 - c) * C + (C - 1 - o)) * kk + (k - 1 - a) * k + (k - 1 - b)];
-    return w[((ptrdiff_t)o * C + c) * kk + a * k + b];
-  };
-  auto tap_a = [&](int da) { return flip_h ? da : k - 1 - da; };
-  auto tap_b = [&](int db) { return flip_w ? db : k - 1 - db; };
-  const int a0 = tap_a(0), b0 = tap_b(0);
-  // linvT[m][o] = L⁻¹[o][m], by forward substitution row by row of L⁻¹.
-  std::vector<T> linv((size_t)C * C, T(0)), linvT((size_t)C * C, T(0));
-  for (int o = 0; o < C; ++o) {
-    T* row = &linv[(size_t)o * C];
-    row[o] = T(1);
-    for (int m = 0; m < o; ++m) {
-      const T l = weff(o, m, a0, b0);
-      if (l != T(0))
-        for (int c = 0; c <= m; ++c) row[c] -= l * linv[(size_t)m * C + c];
-    }
-    if (!unit) {
-      const T d = weff(o, o, a0, b0);
-      for (int c = 0; c <= o; ++c) row[c] /= d;
-    }
-  }
-  for (int o = 0; o < C; ++o)
-    for (int m = 0; m < C; ++m) linvT[(size_t)m * C + o] = linv[(size_t)o * C + m];
-  std::fill(wf, wf + (size_t)kk * C * Cp, T(0));
-  for (int c = 0; c < C; ++c)
-    for (int o = 0; o < C; ++o) wf[(size_t)c * Cp + o] = linv[(size_t)o * C + c];
-  for (int da = 0; da < k; ++da)
-    for (int db = 0; db < k; ++db) {
-      if (da == 0 && db == 0) continue;
-      T* t = wf + (size_t)(da * k + db) * C * Cp;
-      const int a = tap_a(da), b = tap_b(db);
-      for (int m = 0; m < C; ++m) {
-        const T* lm = &linvT[(size_t)m * C];
-        for (int c = 0; c < C; ++c) {
-          const T v = weff(m, c, a, b);
-          if (v == T(0)) continue;
-          T* tc = t + (size_t)c * Cp;
-          for (int o = m; o < C; ++o) tc[o] -= lm[o] * v;
-        }
-      }
-    }
-}
 
 // Vector multiply-adds below which a parallel task is not worth waking another thread for
 // (about 10 µs of work): tiny solves (tests, small layers) then run on the calling thread, which
@@ -332,6 +305,68 @@ INVCONV_INLINE void spin_pause() {
 #endif
 }
 
+// Rows finished by one strip, alone on its cache lines (128 bytes: the adjacent-line prefetcher
+// pairs 64-byte lines), so that publishing one strip's progress does not steal the line its
+// neighbour is polling or publishing to.
+struct alignas(128) Progress {
+  std::atomic<int> rows;
+};
+
+// The strip split's hand-over: wait for the left strip's rows (none for the leftmost strip),
+// publish our own. Phase A of row i needs the left strip's rows < i, phase B its row i.
+struct StripSync {
+  const std::atomic<int>* left;
+  std::atomic<int>* mine;
+  static INVCONV_INLINE void wait(const std::atomic<int>* p, int rows) {
+    int spins = 0;
+    while (p->load(std::memory_order_acquire) < rows) {
+      if (++spins < 1024)
+        spin_pause();
+      else
+        std::this_thread::yield();  // a loaded machine may have descheduled the left strip
+    }
+  }
+  INVCONV_INLINE void before_a(int i) const {
+    if (left) wait(left, i);
+  }
+  INVCONV_INLINE void before_b(int i) const {
+    if (left) wait(left, i + 1);
+  }
+  INVCONV_INLINE void after(int i) const { mine->store(i + 1, std::memory_order_release); }
+};
+
+
+// The 1×1 solve of B images (see Pointwise): tasks are runs of pixels, of whole images or
+// within one, sized so that each is worth a thread (kParallelGrainOps).
+template <class K>
+void pointwise_images(const typename K::O::T* yp, typename K::O::T* xp, int64_t B, const typename K::O::T* m,
+                      const int* chan, int C, int Cp, ptrdiff_t plane) {
+  using T = typename K::O::T;
+  using PW = typename K::PW;
+  const ptrdiff_t image = (ptrdiff_t)C * plane;
+  // In 16-byte vectors (the unit of kParallelGrainOps), about half of C × C per pixel: the
+  // matrix is triangular.
+  const int64_t per_block = std::max<int64_t>(1, (int64_t)C * (C + 1) / 2 * PW::kBlock * (int64_t)sizeof(T) / 16);
+  const ptrdiff_t blocks = (plane + PW::kBlock - 1) / PW::kBlock;  // per image
+  const ptrdiff_t grain_blocks = std::max<int64_t>(1, kParallelGrainOps / per_block);
+  // Chunks of an image: a whole image when it is worth at least one task, else fewer.
+  const ptrdiff_t chunk = std::min<ptrdiff_t>(blocks, grain_blocks);
+  const ptrdiff_t chunks = (blocks + chunk - 1) / chunk;
+  const int64_t grain = std::max<int64_t>(1, (grain_blocks + chunk - 1) / chunk);
+  std::vector<int> ident(C);
+  for (int c = 0; c < C; ++c) ident[c] = c;
+  at::parallel_for(0, B * chunks, grain, [&](int64_t t0, int64_t t1) {
+    Scratch<T> tmp((size_t)2 * C * PW::kBlock, /*zero=*/false);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / chunks;
+      const ptrdiff_t q = t % chunks;
+      const ptrdiff_t p0 = q * chunk * PW::kBlock, p1 = std::min<ptrdiff_t>(plane, (q + 1) * chunk * PW::kBlock);
+      PW::range(yp + b * image, xp + b * image, m, chan, ident.data(), C, Cp, plane, p0, p1, tmp.ptr,
+                tmp.ptr + (ptrdiff_t)C * PW::kBlock);
+    }
+  });
+}
+
 // Solves B images of y into x with the pre-folded weights, in parallel over images or (fewer
 // images than threads) over column strips of each image.
 template <class K>
@@ -341,6 +376,10 @@ void solve_images(const typename K::O::T* yp, typename K::O::T* xp, int64_t B, c
   using T = typename Ops::T;
   using RS = typename K::RS;
   const ptrdiff_t image = (ptrdiff_t)C * H * W;
+  if (k == 1) {
+    pointwise_images<K>(yp, xp, B, wf, chan, C, Cp, (ptrdiff_t)H * W);
+    return;
+  }
   const int S = strips_per_image(B, C, Cp, H, W, k, Ops::G, sizeof(T));
   if (S <= 1) {
     // Images are independent (the solve couples all channels of one image), so tasks are
@@ -359,9 +398,9 @@ void solve_images(const typename K::O::T* yp, typename K::O::T* xp, int64_t B, c
   // the rows it has finished. Whatever the OpenMP schedule, a thread runs its tasks in
   // increasing order and a task waits only for lower ones, so nothing deadlocks.
   const ptrdiff_t rows = (ptrdiff_t)H * (W + k - 1) * Cp;
-  Scratch<T> buffer((size_t)B * rows);
-  std::unique_ptr<std::atomic<int>[]> done(new std::atomic<int>[(size_t)B * S]);
-  for (int64_t t = 0; t < B * S; ++t) done[t].store(0, std::memory_order_relaxed);
+  Scratch<T> buffer((size_t)B * rows, /*zero=*/false);  // the leftmost strip clears the padding columns
+  std::unique_ptr<Progress[]> done(new Progress[(size_t)B * S]);
+  for (int64_t t = 0; t < B * S; ++t) done[t].rows.store(0, std::memory_order_relaxed);
   at::parallel_for(0, B * S, 1, [&](int64_t t0, int64_t t1) {
     Scratch<T> acc((size_t)W * Cp);
     std::vector<typename RS::Tap> taps((size_t)k * k + 1);
@@ -369,27 +408,17 @@ void solve_images(const typename K::O::T* yp, typename K::O::T* xp, int64_t B, c
       const int64_t b = t / S;
       const int s = (int)(t % S);
       const int jb = (int)((int64_t)W * s / S), je = (int)((int64_t)W * (s + 1) / S);
-      auto wait = [&](int i) {
-        if (s == 0) return;
-        int spins = 0;
-        while (done[t - 1].load(std::memory_order_acquire) <= i) {
-          if (++spins < 256)
-            spin_pause();
-          else
-            std::this_thread::yield();  // a loaded machine may have descheduled the left strip
-        }
-      };
-      auto publish = [&](int i) { done[t].store(i + 1, std::memory_order_release); };
-      RS::solve_rows(yp + b * image, xp + b * image, wf, chan, C, Cp, H, W, k, flip_h, flip_w,
-                     buffer.ptr + b * rows, H, jb, je, typename RS::Work{acc.ptr, taps.data()}, wait, publish);
+      StripSync sync{s == 0 ? nullptr : &done[t - 1].rows, &done[t].rows};
+      RS::solve_rows(yp + b * image, xp + b * image, wf, chan, C, Cp, H, W, k, flip_h, flip_w, buffer.ptr + b * rows,
+                     H, jb, je, typename RS::Work{acc.ptr, taps.data()}, sync);
     }
   });
 }
 
 // The weight gradient Σ_images lam ⋆ x into g ((k*k) × C × Cp), sign applied on the way out.
 // With at least as many images as threads: a partial per task over whole images, summed in task
-// order. With fewer: lam transposed once per image, then tasks over taps (disjoint parts of g).
-// Either way the result does not depend on the thread schedule.
+// order. With fewer: each image's padded copies made once, then tasks over (tap, output-channel
+// block) units (disjoint parts of g). Either way the result does not depend on the thread schedule.
 template <class K>
 void weight_grad_images(const typename K::O::T* xp, const typename K::O::T* lp, int64_t B, int C, int Cp, int H, int W,
                         int k, int orientation, typename K::O::T sign, typename K::O::T* dst) {
@@ -401,26 +430,26 @@ void weight_grad_images(const typename K::O::T* xp, const typename K::O::T* lp, 
   const size_t gsize = (size_t)k * k * C * Cp;
   const int threads = std::max(1, at::get_num_threads());
   const int64_t grain = grain_images(C, Cp, H, W, k, Ops::G);
+  const auto L = WG::layout(C, H, W, k);
   std::vector<Scratch<T>> partial;
-  if (B < threads && k > 1 && image_ops(C, Cp, H, W, k, Ops::G) * B >= 2 * kParallelGrainOps &&
-      !at::in_parallel_region()) {
-    Scratch<T> lamT((size_t)B * H * W * Cp);
-    for (int64_t b = 0; b < B; ++b) WG::transpose(lp + b * image, lamT.ptr + b * H * W * Cp, C, Cp, H, W);
+  if (B < threads && image_ops(C, Cp, H, W, k, Ops::G) * B >= 2 * kParallelGrainOps && !at::in_parallel_region()) {
+    Scratch<T> buf((size_t)B * L.scratch(), /*zero=*/false);
+    for (int64_t b = 0; b < B; ++b) WG::prepare(xp + b * image, lp + b * image, L, pt, pl, buf.ptr + b * L.scratch());
     partial.emplace_back(gsize);
     T* g = partial[0].ptr;
-    at::parallel_for(0, k * k, 1, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, WG::units(L), 1, [&](int64_t u0, int64_t u1) {
       for (int64_t b = 0; b < B; ++b)
-        WG::taps(xp + b * image, lamT.ptr + b * H * W * Cp, g, C, Cp, H, W, k, pt, pl, (int)t0, (int)t1);
+        WG::run_units(buf.ptr + b * L.scratch(), lp + b * image, L, g, Cp, (int)u0, (int)u1);
     });
   } else {
     const int64_t tasks = std::min<int64_t>(std::max<int64_t>(1, B / grain), threads);
     partial.reserve(tasks);
     for (int64_t t = 0; t < tasks; ++t) partial.emplace_back(gsize);
     at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-      Scratch<T> lamT((size_t)H * W * Cp);
+      Scratch<T> buf(L.scratch(), /*zero=*/false);
       for (int64_t t = t0; t < t1; ++t)
         for (int64_t b = B * t / tasks; b < B * (t + 1) / tasks; ++b)
-          WG::image(xp + b * image, lp + b * image, lamT.ptr, partial[t].ptr, C, Cp, H, W, k, pt, pl);
+          WG::image(xp + b * image, lp + b * image, buf.ptr, partial[t].ptr, Cp, L, pt, pl);
     });
   }
   for (int o = 0; o < C; ++o)  // (C_out, C_in, k, k)
@@ -442,7 +471,7 @@ void run_solve(const at::Tensor& y, const at::Tensor& w, at::Tensor& x, int orie
   const int eff = adjoint ? (orientation ^ 3) : orientation;  // the transpose reads the opposite quadrant
   const bool flip_h = eff & 2, flip_w = eff & 1;
   Scratch<T> wf((size_t)k * k * C * Cp);
-  fold_weights<T>(w.data_ptr<T>(), C, k, flip_h, flip_w, adjoint, unit, wf.ptr, Cp);
+  K::FW::run(w.data_ptr<T>(), C, k, flip_h, flip_w, adjoint, unit, wf.ptr, Cp);
   std::vector<int> chan(C);
   for (int c = 0; c < C; ++c) chan[c] = adjoint ? C - 1 - c : c;
   solve_images<K>(y.data_ptr<T>(), x.data_ptr<T>(), B, wf.ptr, chan.data(), C, Cp, H, W, k, flip_h, flip_w);
@@ -476,14 +505,15 @@ void run_backward(const at::Tensor& g, const at::Tensor& w, const at::Tensor& x,
   const bool flip_h = eff & 2, flip_w = eff & 1;
   const int pt = (orientation & 2) ? 0 : k - 1, pl = (orientation & 1) ? 0 : k - 1;  // forward padding
   Scratch<T> wf((size_t)k * k * C * Cp);
-  fold_weights<T>(w.data_ptr<T>(), C, k, flip_h, flip_w, /*adjoint=*/true, unit, wf.ptr, Cp);
+  K::FW::run(w.data_ptr<T>(), C, k, flip_h, flip_w, /*adjoint=*/true, unit, wf.ptr, Cp);
   std::vector<int> chan(C);
   for (int c = 0; c < C; ++c) chan[c] = C - 1 - c;
   const T* gp = g.data_ptr<T>();
   const T* xp = x.data_ptr<T>();
   T* lp = lam.data_ptr<T>();
   const int threads = std::max(1, at::get_num_threads());
-  if (B < threads && !at::in_parallel_region()) {
+  // k = 1 too: its solve is the pointwise product (no row walk to fuse the weight gradient into).
+  if ((B < threads && !at::in_parallel_region()) || k == 1) {
     solve_images<K>(gp, lp, B, wf.ptr, chan.data(), C, Cp, H, W, k, flip_h, flip_w);
     if (gw) weight_grad_images<K>(xp, lp, B, C, Cp, H, W, k, orientation, T(-1), gw->data_ptr<T>());
     return;
@@ -499,13 +529,14 @@ void run_backward(const at::Tensor& g, const at::Tensor& w, const at::Tensor& x,
   }
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     Scratch<T> ring((size_t)k * (W + k - 1) * Cp), acc((size_t)W * Cp);
-    std::unique_ptr<Scratch<T>> lamT(gw ? new Scratch<T>((size_t)H * W * Cp) : nullptr);
+    const auto L = WG::layout(C, H, W, k);
+    std::unique_ptr<Scratch<T>> wgbuf(gw ? new Scratch<T>(L.scratch(), /*zero=*/false) : nullptr);
     std::vector<typename RS::Tap> taps((size_t)k * k + 1);
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t b = B * t / tasks; b < B * (t + 1) / tasks; ++b) {
         RS::solve_image(gp + b * image, lp + b * image, wf.ptr, chan.data(), C, Cp, H, W, k, flip_h, flip_w, ring.ptr,
                         typename RS::Work{acc.ptr, taps.data()});
-        if (gw) WG::image(xp + b * image, lp + b * image, lamT->ptr, partial[t].ptr, C, Cp, H, W, k, pt, pl);
+        if (gw) WG::image(xp + b * image, lp + b * image, wgbuf->ptr, partial[t].ptr, Cp, L, pt, pl);
       }
   });
   if (!gw) return;

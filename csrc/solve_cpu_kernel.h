@@ -15,7 +15,7 @@
 // Logical coordinates. Every orientation is solved as TL in mirrored coordinates: logical row i
 // and column j map to physical (h, w) = (T ? i : H-1-i, L ? j : W-1-j), and the logical tap
 // (da, db) reads logical pixel (i-da, j-db). The folded weight `wf[da][db][c][o]` (built by
-// fold_weights in solve_cpu.cpp) already holds -L⁻¹·W at the off-centre taps and L⁻¹ at the
+// Fold::run below) already holds -L⁻¹·W at the off-centre taps and L⁻¹ at the
 // centre, so that
 //
 //     x[i][j][o] = Σ_{da,db,c} wf[da][db][c][o] · plane[i-da][j-db][c]
@@ -74,6 +74,75 @@ static INVCONV_INLINE void for_each_oblock(int Cp, Fn&& f) {
     default: f(OBlock<Ops, 1, 1, 1>{}, o0); break;
   }
 }
+
+// wf[da][db][c][o] (o padded to Cp with zeros): L⁻¹ at the centre, -L⁻¹·W_(a,b) elsewhere, for
+// the logical tap (da, db) of orientation (flip_h, flip_w); the adjoint reads
+// W'[o][c][a][b] = W[C-1-c][C-1-o][k-1-a][k-1-b] by index arithmetic (docs/math.md §4). Compiled
+// per SIMD target like the rest, so that the innermost loops (over the Cp output lanes) are
+// vectorised: it runs on the calling thread before every solve, so its cost is serial even when
+// two threads share one image (hoisting the output-block structure out of the loops cut the fixed
+// cost of a C = 12, k = 3 call from 6.7 to 5.2 µs on Zen 4).
+template <class Ops>
+struct Fold {
+  using T = typename Ops::T;
+  static void run(const T* w, int C, int k, bool flip_h, bool flip_w, bool adjoint, bool unit, T* wf, int Cp) {
+    const int kk = k * k;
+    auto weff = [&](int o, int c, int a, int b) -> T {
+      if (adjoint) return w[((ptrdiff_t)(C - 1 - c) * C + (C - 1 - o)) * kk + (k - 1 - a) * k + (k - 1 - b)];
+      return w[((ptrdiff_t)o * C + c) * kk + a * k + b];
+    };
+    auto tap_a = [&](int da) { return flip_h ? da : k - 1 - da; };
+    auto tap_b = [&](int db) { return flip_w ? db : k - 1 - db; };
+    const int a0 = tap_a(0), b0 = tap_b(0);
+    // L⁻¹ by forward substitution row by row; its transpose goes straight into the centre tap,
+    // wf[0][0][m][o] = L⁻¹[o][m] (zero for o < m and in the padded lanes).
+    std::vector<T> linv((size_t)C * C, T(0));
+    for (int o = 0; o < C; ++o) {
+      T* row = &linv[(size_t)o * C];
+      row[o] = T(1);
+      for (int m = 0; m < o; ++m) {
+        const T l = weff(o, m, a0, b0);
+        if (l != T(0))
+          for (int c = 0; c <= m; ++c) row[c] -= l * linv[(size_t)m * C + c];
+      }
+      if (!unit) {
+        const T d = weff(o, o, a0, b0);
+        for (int c = 0; c <= o; ++c) row[c] /= d;
+      }
+    }
+    std::fill(wf, wf + (size_t)kk * C * Cp, T(0));
+    for (int m = 0; m < C; ++m)
+      for (int o = m; o < C; ++o) wf[(size_t)m * Cp + o] = linv[(size_t)o * C + m];
+    // The other taps: wf[t][c][o] = -Σ_m L⁻¹[o][m]·W[m][c], accumulated over m in increasing
+    // order for every (c, o); the rows of the centre tap are L⁻¹ transposed, zero where o < m.
+    for (int da = 0; da < k; ++da)
+      for (int db = 0; db < k; ++db) {
+        if (da == 0 && db == 0) continue;
+        T* t = wf + (size_t)(da * k + db) * C * Cp;
+        const int a = tap_a(da), b = tap_b(db);
+        for_each_oblock<Ops>(Cp, [&](auto blk, int o0) {
+          using B = decltype(blk);
+          using F = typename Ops::F;
+          using H = typename Ops::H;
+          using Q = typename Ops::Q;
+          for (int m = 0; m < C; ++m) {
+            const T* lm = wf + (size_t)m * Cp + o0;
+            for (int c = 0; c < C; ++c) {
+              const T nv = -weff(m, c, a, b);
+              if (nv == T(0)) continue;
+              T* tc = t + (size_t)c * Cp + o0;
+              for (int v = 0; v < B::kVecsF; ++v)
+                F::store(tc + v * F::N, F::fmadd(F::load(lm + v * F::N), F::bcast(&nv), F::load(tc + v * F::N)));
+              if constexpr (B::kVecsH > 0)
+                H::store(tc + B::kHOff, H::fmadd(H::load(lm + B::kHOff), H::bcast(&nv), H::load(tc + B::kHOff)));
+              if constexpr (B::kVecsQ > 0)
+                Q::store(tc + B::kQOff, Q::fmadd(Q::load(lm + B::kQOff), Q::bcast(&nv), Q::load(tc + B::kQOff)));
+            }
+          }
+        });
+      }
+  }
+};
 
 template <class Ops>
 struct RowSolver {
@@ -224,21 +293,25 @@ struct RowSolver {
   // Solve rows [0, H) of one image over logical columns [jb, je). `y` and `x` point at the image
   // (C, H, W) in NCHW; `chan` maps logical to physical channels (identity, or reversed for the
   // adjoint); `ring` holds R*(W+k-1)*Cp elements with its padding columns zero (R = k, or R = H
-  // when several strips share it). `before_row(i)` is called before row i and `after_row(i)`
-  // after it (the strip split waits for and publishes progress there; no-ops otherwise).
-  template <class Before, class After>
+  // when several strips share it). `sync` is the strip split's hand-over (no-ops otherwise):
+  // sync.before_a(i) before phase A of row i (which reads rows < i of the strip to the left),
+  // sync.before_b(i) before phase B (which reads row i of that strip), sync.after(i) after it.
+  template <class Sync>
   static void solve_rows(const T* y, T* x, const T* wf, const int* chan, int C, int Cp, int Hh, int W, int k,
-                         bool flip_h, bool flip_w, T* ring, int R, int jb, int je, Work work, Before&& before_row,
-                         After&& after_row) {
+                         bool flip_h, bool flip_w, T* ring, int R, int jb, int je, Work work, Sync& sync) {
     const ptrdiff_t slot = (ptrdiff_t)(W + k - 1) * Cp;
     const ptrdiff_t plane = (ptrdiff_t)Hh * W;
     T* acc = work.acc;
     Tap* taps = work.taps;
     for (int i = 0; i < Hh; ++i) {
-      before_row(i);
+      sync.before_a(i);
       const int h = flip_h ? Hh - 1 - i : i;
       T* cur = ring + (ptrdiff_t)(i % R) * slot;
       T* curx = cur + (ptrdiff_t)(k - 1) * Cp;  // logical column 0 of the current row
+      // The k-1 zero columns left of the image: only the leftmost strip reads them (the others
+      // read their left neighbour's columns there), and it clears them, so the strip split's
+      // row buffer need not be cleared as a whole.
+      if (jb == 0) std::memset(cur, 0, sizeof(T) * (size_t)(k - 1) * Cp);
       // Phase A taps: the centre, reading y in place (NCHW, through the orientation's and the
       // channel order's strides: no transposed copy), and every tap of the rows above that exist.
       int ntaps = 0;
@@ -255,6 +328,7 @@ struct RowSolver {
         phase_a_chunk<B::kVecsF, B::kVecsH, B::kVecsQ>(taps, ntaps, C, Cp, o0, jb, je, acc);
       });
       // Phase B: along the row.
+      sync.before_b(i);
       if (k > 1) {
         for (int j = jb; j < je; ++j)
           for_each_oblock<Ops>(Cp, [&](auto blk, int o0) {
@@ -272,113 +346,211 @@ struct RowSolver {
         else
           for (int j = jb; j < je; ++j) xr[j] = curx[(ptrdiff_t)j * Cp + c];
       }
-      after_row(i);
+      sync.after(i);
     }
   }
+
+  struct NoSync {
+    static void before_a(int) {}
+    static void before_b(int) {}
+    static void after(int) {}
+  };
 
   // The whole image on the calling thread, with a ring of k rows.
   static void solve_image(const T* y, T* x, const T* wf, const int* chan, int C, int Cp, int Hh, int W, int k,
                           bool flip_h, bool flip_w, T* ring, Work work) {
-    solve_rows(y, x, wf, chan, C, Cp, Hh, W, k, flip_h, flip_w, ring, k, 0, W, work, [](int) {}, [](int) {});
+    NoSync none;
+    solve_rows(y, x, wf, chan, C, Cp, Hh, W, k, flip_h, flip_w, ring, k, 0, W, work, none);
   }
 };
+
+// The 1×1 solve (k = 1): no neighbours, so every pixel is x = L⁻¹·y on its own, one small
+// lower-triangular matrix product per pixel. It runs in place on NCHW, pixels along the vector
+// lanes and output channels over the registers, without the row walk's channels-last staging.
+// `m` is the folded centre tap (m[c*Cp + o] = L⁻¹[o][c], zero for c > o); logical channel c is
+// physical channel chan[c]. Each output is the same chain of multiply-adds over c = 0, 1, ...
+// as the row walk's phase A (the terms with c > o are zero and skipped), so the result does not
+// depend on the blocking or the thread split.
+template <class Ops>
+struct Pointwise {
+  using T = typename Ops::T;
+  using F = typename Ops::F;
+  static constexpr int P = 2;                    // pixel vectors per block
+  static constexpr int NO = Ops::kAccRegs / P;  // output channels per block (accumulators NO × P)
+  static constexpr int kBlock = P * F::N;       // pixels per block
+  static_assert(NO >= 1 && NO <= 8, "Pointwise::pixels covers narrower tail blocks up to 7 channels");
+
+  // Outputs [o0, o0+NOB) of the kBlock pixels at y / x, channel c's pixels at y + ych[c] * ys
+  // (x likewise with xch, xs).
+  template <int NOB>
+  static INVCONV_INLINE void block(const T* y, const int* ych, ptrdiff_t ys, T* x, const int* xch, ptrdiff_t xs,
+                                   const T* m, int C, int Cp, int o0) {
+    typename F::vec acc[NOB][P];
+    for (int o = 0; o < NOB; ++o)
+      for (int p = 0; p < P; ++p) acc[o][p] = F::zero();
+    const int cend = std::min(C, o0 + NOB);
+    for (int c = 0; c < cend; ++c) {
+      const T* yc = y + ych[c] * ys;
+      typename F::vec v[P];
+      for (int p = 0; p < P; ++p) v[p] = F::load(yc + p * F::N);
+      const T* mc = m + (ptrdiff_t)c * Cp + o0;
+      for (int o = 0; o < NOB; ++o) {
+        const typename F::vec w = F::bcast(mc + o);
+        for (int p = 0; p < P; ++p) acc[o][p] = F::fmadd(w, v[p], acc[o][p]);
+      }
+    }
+    for (int o = 0; o < NOB; ++o) {
+      T* xo = x + xch[o0 + o] * xs;
+      for (int p = 0; p < P; ++p) F::store(xo + p * F::N, acc[o][p]);
+    }
+  }
+
+  // Every output channel of the kBlock pixels at y / x.
+  static INVCONV_INLINE void pixels(const T* y, const int* ych, ptrdiff_t ys, T* x, const int* xch, ptrdiff_t xs,
+                                    const T* m, int C, int Cp) {
+    int o0 = 0;
+    for (; o0 + NO <= C; o0 += NO) block<NO>(y, ych, ys, x, xch, xs, m, C, Cp, o0);
+    switch (C - o0) {  // the last, narrower block of output channels
+      case 0: break;
+#define INVCONV_PW_CASE(n) \
+  case n:                  \
+    if constexpr (n < NO) block<n>(y, ych, ys, x, xch, xs, m, C, Cp, o0); \
+    break;
+      INVCONV_PW_CASE(1) INVCONV_PW_CASE(2) INVCONV_PW_CASE(3) INVCONV_PW_CASE(4) INVCONV_PW_CASE(5)
+      INVCONV_PW_CASE(6) INVCONV_PW_CASE(7)
+#undef INVCONV_PW_CASE
+      default: break;
+    }
+  }
+
+  // Pixels [p0, p1) of one image (y, x: its channel 0; `plane` = H*W). `tmp` holds C*kBlock
+  // elements for the last, partial block (staged through it, zero-padded), `ident` is 0..C-1.
+  static void range(const T* y, T* x, const T* m, const int* chan, const int* ident, int C, int Cp, ptrdiff_t plane,
+                    ptrdiff_t p0, ptrdiff_t p1, T* tmp, T* tmp_out) {
+    ptrdiff_t p = p0;
+    for (; p + kBlock <= p1; p += kBlock) pixels(y + p, chan, plane, x + p, chan, plane, m, C, Cp);
+    if (p < p1) {
+      const ptrdiff_t r = p1 - p;
+      for (int c = 0; c < C; ++c) {
+        T* t = tmp + (ptrdiff_t)c * kBlock;
+        std::memcpy(t, y + chan[c] * plane + p, sizeof(T) * (size_t)r);
+        std::memset(t + r, 0, sizeof(T) * (size_t)(kBlock - r));
+      }
+      pixels(tmp, ident, kBlock, tmp_out, ident, kBlock, m, C, Cp);
+      for (int c = 0; c < C; ++c)
+        std::memcpy(x + chan[c] * plane + p, tmp_out + (ptrdiff_t)c * kBlock, sizeof(T) * (size_t)r);
+    }
+  }
+};
+
+// Calls f(std::integral_constant<int, n>{}) for 1 <= n <= MAX (a run-time count to a template).
+template <int MAX, class Fn>
+static INVCONV_INLINE void with_count(int n, Fn&& f) {
+  if constexpr (MAX >= 1) {
+    if (n >= MAX)
+      f(std::integral_constant<int, MAX>{});
+    else
+      with_count<MAX - 1>(n, f);
+  }
+}
 
 // The weight gradient of the backward: g[t][c][o] += Σ_{h,w} lam[o][h][w] · x[c][h+a-pt][w+b-pl]
 // for the physical tap t = (a, b) of an orientation with top/left padding (pt, pl), i.e. the
 // convolution weight gradient of input x (zero outside the image) and output gradient lam, for
-// one image. `lamT` is lam channels last ((H*W) × Cp, padded lanes zero), `g` is (k*k) × C × Cp.
-// Register-blocked as one output block × CB input channels; one pass over the pixels per block.
+// one image; `g` is (k*k) × C × Cp.
+//
+// The pixels run along the vector lanes (every lane does useful work whatever C is): x is first
+// copied with its zero border into `xpad` (C planes of (H+k-1) × (Wv+k-1), Wv = W rounded up to
+// the vector width), so that the tap (a, b) of output row h reads the contiguous row h+a of xpad
+// from column b; lam rows are read in place when W is a multiple of the vector width, else from
+// a zero-padded copy `lamp` (C planes of H × Wv). Blocks of CB input × OB output channels keep
+// CB·OB vector accumulators over one pass of the rows (CB + OB loads per CB·OB multiply-adds),
+// summed across their lanes at the end.
 template <class Ops>
 struct WeightGrad {
   using T = typename Ops::T;
   using F = typename Ops::F;
-  using H = typename Ops::H;
-  using Q = typename Ops::Q;
+  static constexpr int N = F::N;
+  // OB lam vectors stay in registers beside the CB·OB accumulators and one x vector.
+  static constexpr int OB = Ops::kAccRegs >= 16 ? 4 : 3;
+  static constexpr int CB = Ops::kAccRegs >= 16 ? 6 : 4;
 
-  template <int NF, int NH, int NQ, int CB>
-  static INVCONV_INLINE void block(const T* x, const T* lamT, T* g, int Cp, int Hh, int W, int a, int b, int pt,
-                                   int pl, int c0, int o0) {
-    using B = OBlock<Ops, NF, NH, NQ>;
-    const int h0 = std::max(0, pt - a), h1 = std::min(Hh, Hh + pt - a);
-    const int w0 = std::max(0, pl - b), w1 = std::min(W, W + pl - b);
-    if (h0 >= h1 || w0 >= w1) return;
-    const ptrdiff_t plane = (ptrdiff_t)Hh * W;
-    constexpr int NFx = NF > 0 ? NF : 1;
-    typename F::vec af[CB][NFx];
-    typename H::vec ah[CB];
-    typename Q::vec aq[CB];
-    for (int cc = 0; cc < CB; ++cc) {
-      for (int v = 0; v < NF; ++v) af[cc][v] = F::zero();
-      if constexpr (NH > 0) ah[cc] = H::zero();
-      if constexpr (NQ > 0) aq[cc] = Q::zero();
+  struct Layout {
+    int C, H, W, k, Wv, Wx;  // Wx = Wv + k - 1: a row of xpad
+    bool pad_lam;
+    ptrdiff_t xplane() const { return (ptrdiff_t)(H + k - 1) * Wx; }
+    ptrdiff_t lplane() const { return (ptrdiff_t)H * Wv; }
+    size_t scratch() const { return (size_t)C * xplane() + (pad_lam ? (size_t)C * lplane() : 0); }
+  };
+  static Layout layout(int C, int H, int W, int k) {
+    const int Wv = (W + N - 1) / N * N;
+    return Layout{C, H, W, k, Wv, Wv + k - 1, Wv != W};
+  }
+
+  // xpad (and lamp where needed) of one image into `buf` (layout.scratch() elements).
+  static void prepare(const T* x, const T* lam, const Layout& L, int pt, int pl, T* buf) {
+    const ptrdiff_t plane = (ptrdiff_t)L.H * L.W;
+    std::memset(buf, 0, sizeof(T) * L.scratch());
+    for (int c = 0; c < L.C; ++c)
+      for (int h = 0; h < L.H; ++h)
+        std::memcpy(buf + c * L.xplane() + (ptrdiff_t)(h + pt) * L.Wx + pl, x + c * plane + (ptrdiff_t)h * L.W,
+                    sizeof(T) * (size_t)L.W);
+    if (L.pad_lam) {
+      T* lamp = buf + L.C * L.xplane();
+      for (int o = 0; o < L.C; ++o)
+        for (int h = 0; h < L.H; ++h)
+          std::memcpy(lamp + o * L.lplane() + (ptrdiff_t)h * L.Wv, lam + o * plane + (ptrdiff_t)h * L.W,
+                      sizeof(T) * (size_t)L.W);
     }
-    for (int h = h0; h < h1; ++h) {
-      const T* xr = x + (ptrdiff_t)c0 * plane + (ptrdiff_t)(h + a - pt) * W + (b - pl);
-      const T* lr = lamT + (ptrdiff_t)h * W * Cp + o0;
-      for (int w = w0; w < w1; ++w) {
-        const T* lw = lr + (ptrdiff_t)w * Cp;
-        typename F::vec lf[NFx];
-        typename H::vec lh;
-        typename Q::vec lq;
-        for (int v = 0; v < NF; ++v) lf[v] = F::load(lw + v * F::N);
-        if constexpr (NH > 0) lh = H::load(lw + B::kHOff);
-        if constexpr (NQ > 0) lq = Q::load(lw + B::kQOff);
-        for (int cc = 0; cc < CB; ++cc) {
-          const T* sp = xr + cc * plane + w;
-          if constexpr (NF > 0) {
-            const typename F::vec s = F::bcast(sp);
-            for (int v = 0; v < NF; ++v) af[cc][v] = F::fmadd(s, lf[v], af[cc][v]);
-          }
-          if constexpr (NH > 0) ah[cc] = H::fmadd(H::bcast(sp), lh, ah[cc]);
-          if constexpr (NQ > 0) aq[cc] = Q::fmadd(Q::bcast(sp), lq, aq[cc]);
+  }
+
+  template <int NC, int NOB>
+  static INVCONV_INLINE void block(const T* xs, const T* ls, ptrdiff_t lrow, const Layout& L, int a, int b, int c0,
+                                   int o0, T* gt, int Cp) {
+    typename F::vec acc[NC][NOB];
+    for (int c = 0; c < NC; ++c)
+      for (int o = 0; o < NOB; ++o) acc[c][o] = F::zero();
+    const ptrdiff_t xplane = L.xplane(), lplane = (ptrdiff_t)L.H * lrow;
+    for (int h = 0; h < L.H; ++h) {
+      const T* xr = xs + c0 * xplane + (ptrdiff_t)(h + a) * L.Wx + b;
+      const T* lr = ls + o0 * lplane + (ptrdiff_t)h * lrow;
+      for (int v = 0; v < L.Wv; v += N) {
+        typename F::vec lv[NOB];
+        for (int o = 0; o < NOB; ++o) lv[o] = F::load(lr + o * lplane + v);
+        for (int c = 0; c < NC; ++c) {
+          const typename F::vec xv = F::load(xr + c * xplane + v);
+          for (int o = 0; o < NOB; ++o) acc[c][o] = F::fmadd(xv, lv[o], acc[c][o]);
         }
       }
     }
-    for (int cc = 0; cc < CB; ++cc) {
-      T* dst = g + (ptrdiff_t)(c0 + cc) * Cp + o0;
-      for (int v = 0; v < NF; ++v) F::store(dst + v * F::N, F::add(F::load(dst + v * F::N), af[cc][v]));
-      if constexpr (NH > 0) H::store(dst + B::kHOff, H::add(H::load(dst + B::kHOff), ah[cc]));
-      if constexpr (NQ > 0) Q::store(dst + B::kQOff, Q::add(Q::load(dst + B::kQOff), aq[cc]));
-    }
+    for (int c = 0; c < NC; ++c)
+      for (int o = 0; o < NOB; ++o) gt[(ptrdiff_t)(c0 + c) * Cp + o0 + o] += F::hsum(acc[c][o]);
   }
 
-  // Every input channel for one tap and one output block: CB channels at a time while the
-  // register file allows, then the rest in smaller groups.
-  template <int NF, int NH, int NQ>
-  static INVCONV_INLINE void tap_block(const T* x, const T* lamT, T* g, int C, int Cp, int Hh, int W, int a, int b,
-                                       int pt, int pl, int o0) {
-    constexpr int kVecs = NF + NH + NQ;
-    constexpr int CB = Ops::kAccRegs / kVecs >= 12 ? 12 : (Ops::kAccRegs / kVecs >= 8 ? 8 : (Ops::kAccRegs / kVecs >= 6 ? 6 : 4));
-    int c0 = 0;
-    for (; c0 + CB <= C; c0 += CB) block<NF, NH, NQ, CB>(x, lamT, g, Cp, Hh, W, a, b, pt, pl, c0, o0);
-    for (; c0 + 4 <= C; c0 += 4) block<NF, NH, NQ, 4>(x, lamT, g, Cp, Hh, W, a, b, pt, pl, c0, o0);
-    for (; c0 + 2 <= C; c0 += 2) block<NF, NH, NQ, 2>(x, lamT, g, Cp, Hh, W, a, b, pt, pl, c0, o0);
-    for (; c0 < C; ++c0) block<NF, NH, NQ, 1>(x, lamT, g, Cp, Hh, W, a, b, pt, pl, c0, o0);
-  }
+  // Units of work that write disjoint parts of g: one tap × one block of OB output channels.
+  static int units(const Layout& L) { return L.k * L.k * ((L.C + OB - 1) / OB); }
 
-  // lam of one image channels last into lamT ((H*W) × Cp; the padded lanes stay zero).
-  static void transpose(const T* lam, T* lamT, int C, int Cp, int Hh, int W) {
-    const ptrdiff_t plane = (ptrdiff_t)Hh * W;
-    for (int o = 0; o < C; ++o)
-      for (ptrdiff_t p = 0; p < plane; ++p) lamT[p * Cp + o] = lam[o * plane + p];
-  }
-
-  // Taps [t0, t1) of one image, lam already transposed.
-  static void taps(const T* x, const T* lamT, T* g, int C, int Cp, int Hh, int W, int k, int pt, int pl, int t0,
-                   int t1) {
-    for (int t = t0; t < t1; ++t) {
-      const int a = t / k, b = t % k;
-      T* gt = g + (ptrdiff_t)t * C * Cp;
-      for_each_oblock<Ops>(Cp, [&](auto blk, int o0) {
-        using B = decltype(blk);
-        tap_block<B::kVecsF, B::kVecsH, B::kVecsQ>(x, lamT, gt, C, Cp, Hh, W, a, b, pt, pl, o0);
+  // Units [u0, u1) of one image whose xpad (and lamp) `prepare` wrote into `buf`.
+  static void run_units(const T* buf, const T* lam, const Layout& L, T* g, int Cp, int u0, int u1) {
+    const T* ls = L.pad_lam ? buf + L.C * L.xplane() : lam;
+    const ptrdiff_t lrow = L.pad_lam ? L.Wv : L.W;
+    const int nob = (L.C + OB - 1) / OB;
+    for (int u = u0; u < u1; ++u) {
+      const int t = u / nob, o0 = (u % nob) * OB;
+      const int a = t / L.k, b = t % L.k;
+      T* gt = g + (ptrdiff_t)t * L.C * Cp;
+      with_count<OB>(L.C - o0, [&](auto no) {
+        for (int c0 = 0; c0 < L.C; c0 += CB)
+          with_count<CB>(L.C - c0, [&](auto nc) {
+            block<decltype(nc)::value, decltype(no)::value>(buf, ls, lrow, L, a, b, c0, o0, gt, Cp);
+          });
       });
     }
   }
 
-  static void image(const T* x, const T* lam, T* lamT, T* g, int C, int Cp, int Hh, int W, int k, int pt, int pl) {
-    transpose(lam, lamT, C, Cp, Hh, W);
-    taps(x, lamT, g, C, Cp, Hh, W, k, pt, pl, 0, k * k);
+  static void image(const T* x, const T* lam, T* buf, T* g, int Cp, const Layout& L, int pt, int pl) {
+    prepare(x, lam, L, pt, pl, buf);
+    run_units(buf, lam, L, g, Cp, 0, units(L));
   }
 };
 
@@ -425,5 +597,7 @@ struct Kit {
   using O = Ops;
   using RS = RowSolver<Ops>;
   using WG = WeightGrad<Ops>;
+  using PW = Pointwise<Ops>;
+  using FW = Fold<Ops>;
   using PK = Peak<Ops>;
 };

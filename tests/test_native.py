@@ -179,6 +179,51 @@ def test_cpu_strip_split_inside_an_image(isa, orientation, c, k, b):
                                atol=1e-9)
 
 
+@pytest.mark.parametrize("c", [1, 5, 8, 9, 13, 48])  # full and narrower output blocks of the 1x1 path
+def test_cpu_pointwise_1x1_solve(isa, c):
+    """k = 1 is a per-pixel triangular product over NCHW pixel runs: pixel counts that leave a
+    partial block, runs split inside one image on several threads (bit-identical to one thread),
+    solve and adjoint against the reference."""
+    weight = random_causal_weight(c, 1, "TL", unit=False, scale=0.3 / max(1.0, c**0.5))
+    code = native._CPU_ISAS[isa]
+    threads = torch.get_num_threads()
+    try:
+        for b, h, w in [(1, 33, 31), (3, 7, 9), (2, 32, 32)]:
+            y = torch.randn(b, c, h, w, dtype=torch.float64)
+            for adjoint, ref in ((False, solve_reference(y, weight, "TL", False)),
+                                 (True, adjoint_reference(y, weight, "TL", False))):
+                got = {}
+                for n in (1, 2):
+                    torch.set_num_threads(n)
+                    got[n] = (torch.ops.invconv_cpu.solve(y, weight, 0, False, adjoint, code),
+                              torch.ops.invconv_cpu.solve(y.float(), weight.float(), 0, False, adjoint, code))
+                assert torch.equal(got[1][0], got[2][0]) and torch.equal(got[1][1], got[2][1])
+                torch.testing.assert_close(got[1][0], ref, rtol=1e-10, atol=1e-10)
+                torch.testing.assert_close(got[1][1], ref.float(), rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_cpu_weight_grad_split_over_taps_and_unpadded_rows(isa, orientation, k):
+    """The weight gradient's two layouts (rows a multiple of the vector width are read in place,
+    others from a zero-padded copy) and its split of one image over (tap, output block) units."""
+    code, o = native._CPU_ISAS[isa], native.ORIENTATION_CODES[orientation]
+    threads = torch.get_num_threads()
+    try:
+        for shape in [(1, 12, 24, 32), (1, 13, 20, 48), (1, 7, 24, 40)]:
+            x = torch.randn(shape, dtype=torch.float64)
+            lam = torch.randn(shape, dtype=torch.float64)
+            ref = causal.conv_weight_grad(x, lam, k, orientation)
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                got = torch.ops.invconv_cpu.weight_grad(x, lam, k, o, code)
+                torch.testing.assert_close(got, ref, rtol=1e-11, atol=1e-11)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_cpu_isa_list_and_forcing(cpu_kernels):
     """The ISA list is what the CPU has, auto is the widest of it, and forcing a missing one fails."""
     supported = [_SUPPORTED_NAMES[n] for n in torch.ops.invconv_cpu.supported_isas()]
