@@ -96,6 +96,7 @@ def test_end_to_end_cpu_run(tmp_path):
     for r in recs:
         assert set(r["directions"]) == {"forward", "sampling", "train"}
         assert r["params"] > 0 and r["recon_error"] < 1e-4
+        assert r["exact_inverse"] is True  # stored for rendering later (both layers invert exactly)
         for d in r["directions"].values():
             assert len(d["samples_ms"]) >= 2 and d["p20_ms"] <= d["median_ms"] <= d["p80_ms"]
             assert d["peak_mem_bytes"] is not None

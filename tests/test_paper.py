@@ -7,6 +7,7 @@ import pytest
 from helpers import check_golden
 
 import layers
+from bench import records
 from bench.locations import paper_table_ids, read_toml
 from bench.report import paper
 from bench.report.write import render_paper_table
@@ -225,6 +226,26 @@ def test_layers_known_to_the_registry_get_their_inverse_kind():
                             "md")
     row = next(line for line in md.splitlines() if line.startswith("| Inverse-Flow"))
     assert row.count("exact") == 2 and layers.info("inverse-flow").exact_inverse
+
+
+def test_the_inverse_kind_comes_from_the_record_not_from_what_is_installed_now():
+    """A run renders as it was measured: the record's ``exact_inverse`` wins over the registry;
+    the registry answers only for records written before runs stored it, and "?" where neither
+    knows the layer."""
+    def row(record):
+        md = render_paper_table("mnist", {**_cifar_config(), "preset": None}, ENV_GPU, [record], "md")
+        line = next(line for line in md.splitlines() if line.startswith("| Inverse-Flow"))
+        return line.rstrip(" |").rsplit("|", 1)[-1].strip()  # our inverse column is the last
+
+
+    rec = _record("inverse-flow", 3, 1, {"sampling": _direction(1.0, 0.1)}, channels=1, size=28)
+    assert layers.info("inverse-flow").exact_inverse
+    assert row({**rec, "exact_inverse": False}) == "approx"
+    assert row({**rec, "exact_inverse": True}) == "exact"
+    assert row(rec) == "exact"  # an old record without the field: the registry's answer
+    assert records.exact_inverse({**rec, "exact_inverse": False}) is False
+    assert records.exact_inverse({"cell": {"layer": "no-such-layer"}}) is None
+    assert records.exact_inverse({"cell": {"layer": "no-such-layer"}, "exact_inverse": True}) is True
 
 
 def _architecture_record(label, options, mean_ms, diagnostics, params=2_000_000):
