@@ -32,6 +32,7 @@
 #include <torch/autograd.h>
 
 #include <cmath>
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 
@@ -159,9 +160,30 @@ inline void refuse_double_backward() {
               "use INVCONV_SOLVER=torch for higher-order gradients");
 }
 
+// Whether an op call must record an autograd node: grad mode on and an input that requires
+// grad. Otherwise the Autograd kernels call the device kernel directly — what Function::apply
+// would end up doing, without building its context and variable lists (about a microsecond
+// per call, paid on every sampling and no_grad call).
+inline bool records_graph(std::initializer_list<const at::Tensor*> inputs) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const at::Tensor* t : inputs)
+    if (t && t->defined() && t->requires_grad()) return true;
+  return false;
+}
+
 template <class Ops>
 class CausalSolveFunction : public torch::autograd::Function<CausalSolveFunction<Ops>> {
  public:
+  // The Autograd kernel of causal_solve.
+  static at::Tensor call(const at::Tensor& y, const at::Tensor& weight, int64_t orientation, bool unit_diagonal,
+                         int64_t isa) {
+    if (!records_graph({&y, &weight})) {
+      at::AutoDispatchBelowADInplaceOrView below;
+      return Ops::solve(y, weight, orientation, unit_diagonal, isa);
+    }
+    return CausalSolveFunction::apply(y, weight, orientation, unit_diagonal, isa);
+  }
+
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& y, const at::Tensor& weight,
                             int64_t orientation, bool unit_diagonal, int64_t isa) {
     at::AutoDispatchBelowADInplaceOrView below;  // to the device (or fake) kernel
@@ -192,6 +214,16 @@ class CausalSolveFunction : public torch::autograd::Function<CausalSolveFunction
 template <class Ops>
 class MaskedSolveFunction : public torch::autograd::Function<MaskedSolveFunction<Ops>> {
  public:
+  // The Autograd kernel of masked_solve.
+  static at::Tensor call(const at::Tensor& y, const at::Tensor& off_centre, const at::Tensor& lower,
+                         const std::optional<at::Tensor>& diagonal, int64_t orientation, int64_t isa) {
+    if (!records_graph({&y, &off_centre, &lower, diagonal.has_value() ? &*diagonal : nullptr})) {
+      at::AutoDispatchBelowADInplaceOrView below;
+      return Ops::masked_solve(y, off_centre, lower, diagonal, orientation, isa);
+    }
+    return MaskedSolveFunction::apply(y, off_centre, lower, diagonal, orientation, isa);
+  }
+
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& y, const at::Tensor& off_centre,
                             const at::Tensor& lower, const std::optional<at::Tensor>& diagonal, int64_t orientation,
                             int64_t isa) {

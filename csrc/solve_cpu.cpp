@@ -470,7 +470,7 @@ void run_solve(const at::Tensor& y, const at::Tensor& w, at::Tensor& x, int orie
   const int Cp = (C + Ops::G - 1) / Ops::G * Ops::G;  // output channels padded to 16 bytes
   const int eff = adjoint ? (orientation ^ 3) : orientation;  // the transpose reads the opposite quadrant
   const bool flip_h = eff & 2, flip_w = eff & 1;
-  Scratch<T> wf((size_t)k * k * C * Cp);
+  Scratch<T> wf((size_t)k * k * C * Cp, /*zero=*/false);  // Fold::run writes every entry
   K::FW::run(w.data_ptr<T>(), C, k, flip_h, flip_w, adjoint, unit, wf.ptr, Cp);
   std::vector<int> chan(C);
   for (int c = 0; c < C; ++c) chan[c] = adjoint ? C - 1 - c : c;
@@ -504,7 +504,7 @@ void run_backward(const at::Tensor& g, const at::Tensor& w, const at::Tensor& x,
   const int eff = orientation ^ 3;  // the adjoint solve reads the opposite quadrant
   const bool flip_h = eff & 2, flip_w = eff & 1;
   const int pt = (orientation & 2) ? 0 : k - 1, pl = (orientation & 1) ? 0 : k - 1;  // forward padding
-  Scratch<T> wf((size_t)k * k * C * Cp);
+  Scratch<T> wf((size_t)k * k * C * Cp, /*zero=*/false);  // Fold::run writes every entry
   K::FW::run(w.data_ptr<T>(), C, k, flip_h, flip_w, /*adjoint=*/true, unit, wf.ptr, Cp);
   std::vector<int> chan(C);
   for (int c = 0; c < C; ++c) chan[c] = C - 1 - c;

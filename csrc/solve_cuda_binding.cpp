@@ -160,12 +160,12 @@ struct CudaOps {
 
 at::Tensor autograd_causal_solve(const at::Tensor& y, const at::Tensor& weight, int64_t orientation,
                                  bool unit_diagonal) {
-  return invconv::CausalSolveFunction<CudaOps>::apply(y, weight, orientation, unit_diagonal, 0);
+  return invconv::CausalSolveFunction<CudaOps>::call(y, weight, orientation, unit_diagonal, 0);
 }
 
 at::Tensor autograd_masked_solve(const at::Tensor& y, const at::Tensor& off_centre, const at::Tensor& lower,
                                  const std::optional<at::Tensor>& diagonal, int64_t orientation) {
-  return invconv::MaskedSolveFunction<CudaOps>::apply(y, off_centre, lower, diagonal, orientation, 0);
+  return invconv::MaskedSolveFunction<CudaOps>::call(y, off_centre, lower, diagonal, orientation, 0);
 }
 
 }  // namespace

@@ -138,12 +138,12 @@ struct CpuOps {
 
 at::Tensor autograd_solve(const at::Tensor& y, const at::Tensor& weight, int64_t orientation, bool unit_diagonal,
                           int64_t isa) {
-  return invconv::CausalSolveFunction<CpuOps>::apply(y, weight, orientation, unit_diagonal, isa);
+  return invconv::CausalSolveFunction<CpuOps>::call(y, weight, orientation, unit_diagonal, isa);
 }
 
 at::Tensor autograd_masked_solve(const at::Tensor& y, const at::Tensor& off_centre, const at::Tensor& lower,
                                  const std::optional<at::Tensor>& diagonal, int64_t orientation, int64_t isa) {
-  return invconv::MaskedSolveFunction<CpuOps>::apply(y, off_centre, lower, diagonal, orientation, isa);
+  return invconv::MaskedSolveFunction<CpuOps>::call(y, off_centre, lower, diagonal, orientation, isa);
 }
 
 }  // namespace

@@ -152,6 +152,41 @@ def test_solve_uses_the_registered_op(monkeypatch, cpu_ops):
     torch.testing.assert_close(x, solve_reference(y.detach(), weight.detach(), "TL", True))
 
 
+@pytest.mark.parametrize("op_name", ["causal_solve", "masked_solve"])
+def test_ops_record_a_node_only_when_a_gradient_can_flow(op_name, cpu_ops):
+    """The Autograd kernels skip the node (and its context) when grad mode is off or no input
+    requires grad — the same values, no graph — and record it when one input does, whichever."""
+    ops = torch.ops.invconv_cpu
+    torch.manual_seed(0)
+    c, k = 4, 3
+    y = torch.randn(2, c, 5, 5, dtype=torch.float64)
+    off = torch.randn(c, c, k * k - 1, dtype=torch.float64) * 0.1
+    lower = torch.randn(c * (c - 1) // 2, dtype=torch.float64) * 0.1
+    weight = causal.assemble_weight(off, lower, orientation="TL")
+    if op_name == "causal_solve":
+        inputs = [y, weight]
+        call = lambda a, b: ops.causal_solve(a, b, 0, True)  # noqa: E731
+    else:
+        inputs = [y, off, lower]
+        call = lambda a, b, d: ops.masked_solve(a, b, d, None, 0)  # noqa: E731
+    expected = solve_reference(y, weight, "TL", True)
+    plain = call(*inputs)
+    assert plain.grad_fn is None and not plain.requires_grad
+    torch.testing.assert_close(plain, expected)
+    for i in range(len(inputs)):
+        args = [t.clone().requires_grad_(j == i) for j, t in enumerate(inputs)]
+        x = call(*args)
+        assert x.requires_grad and "CppNode<invconv::" in x.grad_fn.name()
+        torch.testing.assert_close(x.detach(), expected)
+        with torch.no_grad():
+            x = call(*args)
+        assert x.grad_fn is None and not x.requires_grad
+        with torch.inference_mode():
+            x = call(*args)
+        assert x.grad_fn is None and x.is_inference()
+        torch.testing.assert_close(x, expected)
+
+
 def _graph_recorder(graphs):
     backend = torch._dynamo.lookup_backend("aot_eager")
 
