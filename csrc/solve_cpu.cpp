@@ -707,6 +707,58 @@ double measure_clock_ghz(int64_t reps) {
 #endif
 }
 
+// The one-way hand-over latency between the first two threads of the intra-op pool, in ns: the
+// median over `batches` batches of 200 round trips of a flag on its own cache line (what the
+// strip split pays per row, and every pool barrier). On a VM it is a property of where the host
+// put the virtual CPUs at that moment, and it can change while a process runs. 0 when the pool
+// has one thread (or one thread got both tasks).
+double measure_handover_ns(int64_t batches) {
+  if (at::get_num_threads() < 2 || at::in_parallel_region()) return 0.0;
+  constexpr int kTrips = 200;
+  const int64_t n = std::max<int64_t>(1, batches);
+  Progress flag[2];
+  flag[0].rows.store(0);
+  flag[1].rows.store(0);
+  std::atomic<bool> alone{false};
+  std::vector<double> ns;
+  at::parallel_for(0, 2, 1, [&](int64_t t0, int64_t t1) {
+    if (t1 - t0 != 1) {
+      alone = true;
+      return;
+    }
+    // Both threads wait for each other first; give up (alone) if the partner never comes.
+    flag[t0].rows.store(-1, std::memory_order_release);
+    const auto start = std::chrono::steady_clock::now();
+    while (flag[1 - t0].rows.load(std::memory_order_acquire) == 0 && !alone.load()) {
+      if (std::chrono::steady_clock::now() - start > std::chrono::milliseconds(200)) {
+        alone = true;
+        return;
+      }
+      spin_pause();
+    }
+    int v = 0;
+    for (int64_t b = 0; b < n && !alone.load(); ++b) {
+      const auto tb = std::chrono::steady_clock::now();
+      for (int r = 0; r < kTrips; ++r) {
+        ++v;
+        if (t0 == 0) {  // ping: publish v, wait for the echo
+          flag[0].rows.store(v, std::memory_order_release);
+          while (flag[1].rows.load(std::memory_order_acquire) != v) spin_pause();
+        } else {  // pong: wait for v, echo it
+          while (flag[0].rows.load(std::memory_order_acquire) != v) spin_pause();
+          flag[1].rows.store(v, std::memory_order_release);
+        }
+      }
+      if (t0 == 0)
+        ns.push_back(std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - tb).count() /
+                     (2.0 * kTrips));
+    }
+  });
+  if (alone || ns.empty()) return 0.0;
+  std::nth_element(ns.begin(), ns.begin() + ns.size() / 2, ns.end());
+  return ns[ns.size() / 2];
+}
+
 // FLOP/s of one thread at the widest vector of `isa` (0 = auto) for float32 or float64.
 double measure_peak_flops(int64_t isa, bool double_precision, int64_t reps) {
   const int64_t code = resolve_isa(isa, "peak_flops");
@@ -733,4 +785,5 @@ TORCH_LIBRARY(invconv_cpu, m) {
   m.def("supported_isas() -> str[]", &supported_isas);
   m.def("clock_ghz(int reps=50) -> float", &measure_clock_ghz);
   m.def("peak_flops(int isa=0, bool double_precision=False, int reps=50) -> float", &measure_peak_flops);
+  m.def("handover_ns(int batches=50) -> float", &measure_handover_ns);
 }

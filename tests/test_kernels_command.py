@@ -55,6 +55,8 @@ def test_kernels_command_smoke(tmp_path):
     assert floors["conv2d+wgrad"] == pytest.approx(2 * floors["conv2d"])
     assert "arithmetic floor (an estimate)" in table and "floor (est.)" in table
     assert len(env["load_average"]) == 3
+    # One thread: no hand-over to measure, and no line about it.
+    assert record["results"][0]["handover_ns"] == [] and "hand-over latency" not in table
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="needs the native CPU build")
@@ -76,6 +78,10 @@ def test_kernels_command_sweeps_channels_and_kernel_sizes(tmp_path):
         assert r["ratios"]["solve 1 thread / solve (thread speed-up)"] == pytest.approx(
             ops["native solve, 1 thread"]["median_s"] / ops["native solve"]["median_s"])
         assert r["floors_s"]["native solve, 1 thread"] == pytest.approx(2 * r["floors_s"]["native solve"])
+        # Two threads: the hand-over latency after each round, printed under the shape's ratios.
+        assert len(r["handover_ns"]) == 1 and r["handover_ns"][0] > 0
+        assert r["handover_changed"] is False  # one round: nothing to compare
+    assert res.stdout.count("thread hand-over latency (one way, after each of 1 rounds)") == 4
     sweep = res.stdout.split("**Sweep (medians")[1]
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in sweep.splitlines()
             if line.startswith("|") and "×" in line]
@@ -99,3 +105,29 @@ def test_kernels_command_rejects_bad_arguments(args, message):
     assert res.returncode == 2, res.stderr
     assert message in res.stderr
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_kernels_table_flags_a_changed_handover():
+    """A shape whose hand-over latency moved by more than half between rounds is flagged: its
+    multi-thread times mix two states of the machine. A steady one is printed plainly."""
+    from bench.commands.kernels import render_markdown
+    from bench.timing.kernels import Shape, ShapeResult
+
+    shape = Shape("cpu", "float32", 1, 12, 32, 32, 3, "TL")
+    ops = {"native solve": Measurement([40e-6, 41e-6]), "conv2d": Measurement([80e-6, 81e-6]),
+           "native solve, 1 thread": Measurement([66e-6, 67e-6])}
+    steady = ShapeResult(shape, ops, {}, [50.0, 52.0, 51.0])
+    moved = ShapeResult(shape, ops, {}, [50.0, 52.0, 203.0])
+    assert not steady.handover_changed() and moved.handover_changed()
+    assert not ShapeResult(shape, ops, {}, []).handover_changed()
+    env = {"command": "bench kernels", "torch": "2", "cpu": "cpu", "torch_threads": 2, "git_commit": "abc",
+           "git_dirty": False, "utc": "now", "solver": {}}
+    text = render_markdown(env, [steady])
+    assert "thread hand-over latency (one way, after each of 3 rounds): 50–52 ns" in text
+    assert "changed during the measurement" not in text
+    text = render_markdown(env, [moved, steady])
+    assert text.count("changed during the measurement") == 1
+    sweep = text.split("**Sweep (medians")[1]
+    assert "50–203 (changed)" in sweep and "50–52 " in sweep
+    assert moved.as_dict()["handover_changed"] is True and moved.as_dict()["handover_ns"] == [50.0, 52.0, 203.0]
+

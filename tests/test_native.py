@@ -257,6 +257,20 @@ def test_cpu_clock_and_peak_probes(cpu_kernels):
         assert 1e8 < flops < 1e12
 
 
+def test_cpu_handover_probe(cpu_kernels):
+    """The threads' hand-over latency behind the flag of `bench kernels`: 0 with one thread (no
+    partner), a plausible latency with two."""
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.ops.invconv_cpu.handover_ns(2) == 0.0
+        torch.set_num_threads(2)
+        ns = torch.ops.invconv_cpu.handover_ns(3)
+        assert 1.0 < ns < 1e6  # a descheduled partner makes it long, never zero or negative
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_cpu_solve_rejects_bad_arguments(cpu_kernels):
     w = random_causal_weight(3, 3, "TL", unit=True)
     y = torch.randn(1, 3, 4, 4, dtype=torch.float64)

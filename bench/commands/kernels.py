@@ -5,7 +5,9 @@ solve, the inverse-flow layer's forward, the native solve on one thread, and ``F
 (forward, and forward + weight gradient) of the same shape, then prints a Markdown table with the
 medians, p20–p80, mean ± std, the arithmetic floor of the machine (an estimate, CPU only) and
 the ratios of the speed goals (solve ÷ conv2d, solve+backward ÷ conv2d, reference ÷ native,
-layer ÷ conv2d, one thread ÷ all). ``-B``, ``-C`` and ``-k`` take comma-separated lists: every
+layer ÷ conv2d, one thread ÷ all), and, with two threads or more on a CPU, the threads'
+hand-over latency after each round, flagged when it changed during a shape (a VM whose host
+moved its CPUs: the multi-thread times then mix two states). ``-B``, ``-C`` and ``-k`` take comma-separated lists: every
 combination is measured and a sweep table of the ratios per shape follows. Measuring is
 :mod:`bench.timing.kernels`; this module only parses and renders.
 """
@@ -70,6 +72,19 @@ SWEEP_RATIOS = {"solve / conv2d": "solve ÷ conv", "solve+backward / conv2d": "s
                 "solve 1 thread / solve (thread speed-up)": "1 thread ÷ all"}
 
 
+def _handover_line(res) -> str | None:
+    """The threads' hand-over latency during a shape's rounds, flagged when it changed."""
+    if not res.handover_ns:
+        return None
+    lo, hi = min(res.handover_ns), max(res.handover_ns)
+    line = (f"- thread hand-over latency (one way, after each of {len(res.handover_ns)} rounds): "
+            + (f"{lo:.0f} ns" if hi - lo < 0.5 else f"{lo:.0f}–{hi:.0f} ns"))
+    if res.handover_changed():
+        line += (" — **changed during the measurement**: the machine moved its CPUs, so the multi-thread "
+                 "times above mix two states; rerun before comparing them")
+    return line
+
+
 def render_markdown(env: dict, results: list) -> str:
     """The table(s) of a run, with the environment it came from."""
     from tabulate import tabulate
@@ -104,6 +119,9 @@ def render_markdown(env: dict, results: list) -> str:
         lines.append(tabulate([[k, _ratio(v)] for k, v in res.ratios().items() if v is not None],
                               headers=["ratio (medians)", ""], tablefmt="github"))
         lines.append("")
+        handover = _handover_line(res)
+        if handover:
+            lines += [handover, ""]
     if len(results) > 1:
         lines.append("**Sweep (medians; ratios of medians measured interleaved per shape)**")
         lines.append("")
@@ -112,11 +130,13 @@ def render_markdown(env: dict, results: list) -> str:
             solve = r.measurements["native solve"].median
             floor = r.floors.get("native solve")
             ratios = r.ratios()
+            handover = (f"{min(r.handover_ns):.0f}–{max(r.handover_ns):.0f}" + (" (changed)" if r.handover_changed() else "")
+                        if r.handover_ns else "—")
             rows.append([r.shape.batch, r.shape.channels, r.shape.kernel_size, _us(solve),
                          _us(floor) if floor else "—", _us(r.measurements["conv2d"].median)]
-                        + [_ratio(ratios[k]) for k in SWEEP_RATIOS])
+                        + [_ratio(ratios[k]) for k in SWEEP_RATIOS] + [handover])
         lines.append(tabulate(rows, headers=["B", "C", "k", "solve", "solve floor (est.)", "conv2d"]
-                              + list(SWEEP_RATIOS.values()), tablefmt="github"))
+                              + list(SWEEP_RATIOS.values()) + ["hand-over ns"], tablefmt="github"))
         lines.append("")
     return "\n".join(lines)
 

@@ -84,6 +84,13 @@ class ShapeResult:
     measurements: dict[str, Measurement]
     #: op -> its arithmetic floor in seconds (an estimate; see machine_peak), where known.
     floors: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: The threads' one-way hand-over latency in ns, measured after each round (see handover_ns).
+    handover_ns: list[float] = dataclasses.field(default_factory=list)
+
+    def handover_changed(self) -> bool:
+        """Whether the hand-over latency changed during the shape's rounds (by more than half):
+        then its multi-thread times mix two states of the machine."""
+        return len(self.handover_ns) > 1 and max(self.handover_ns) > 1.5 * min(self.handover_ns)
 
     def ratio(self, num: str, den: str) -> float | None:
         if num in self.measurements and den in self.measurements:
@@ -104,22 +111,36 @@ class ShapeResult:
 
     def as_dict(self) -> dict:
         return {"shape": dataclasses.asdict(self.shape), "ratios": self.ratios(), "floors_s": self.floors,
+                "handover_ns": self.handover_ns, "handover_changed": self.handover_changed(),
                 "measurements": {k: {"op": k, **m.summary(), "samples_s": m.samples}
                                  for k, m in self.measurements.items()}}
 
 
-def _with_solver(mode: str, fn: Callable[[], object]) -> Callable[[], object]:
-    def call():
-        old = os.environ.get(native.SOLVER_ENV)
-        os.environ[native.SOLVER_ENV] = mode
-        try:
-            return fn()
-        finally:
-            if old is None:
-                del os.environ[native.SOLVER_ENV]
-            else:
-                os.environ[native.SOLVER_ENV] = old
-    return call
+@contextlib.contextmanager
+def _solver(mode: str | None) -> Iterator[None]:
+    """Runs the block with ``INVCONV_SOLVER=mode`` (None: unchanged), restored afterwards. Set
+    around a block of timed calls, not inside each: the environment write is not the op's cost."""
+    if mode is None:
+        yield
+        return
+    old = os.environ.get(native.SOLVER_ENV)
+    os.environ[native.SOLVER_ENV] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[native.SOLVER_ENV]
+        else:
+            os.environ[native.SOLVER_ENV] = old
+
+
+def op_solver(name: str) -> str | None:
+    """The solver an op is timed with (None: it does not solve)."""
+    if name.startswith("torch "):
+        return "torch"
+    if name.startswith("native ") or name == "inverse-flow forward":
+        return "native"
+    return None
 
 
 @contextlib.contextmanager
@@ -161,7 +182,8 @@ def solve_inputs(shape: Shape, scale: float = 0.05, generator: torch.Generator |
 
 def make_ops(shape: Shape, include_reference: bool = True, include_layer: bool = True,
              include_one_thread: bool = True) -> dict[str, Callable[[], object]]:
-    """The callables to time for ``shape`` (inputs built once, outside the timed region)."""
+    """The callables to time for ``shape`` (inputs built once, outside the timed region); each
+    runs under the solver :func:`op_solver` names and the threads :func:`op_threads` names."""
     device, dtype = torch.device(shape.device), getattr(torch, shape.dtype)
     c, k, o = shape.channels, shape.kernel_size, shape.orientation
     gen = torch.Generator().manual_seed(0)
@@ -186,15 +208,14 @@ def make_ops(shape: Shape, include_reference: bool = True, include_layer: bool =
         out = F.conv2d(y_pad, w_req)
         return torch.autograd.grad(out, (w_req,), grad)
 
-    ops = {"native solve": _with_solver("native", solve_fwd),
-           "native solve+backward": _with_solver("native", solve_fwd_bwd)}
+    ops = {"native solve": solve_fwd, "native solve+backward": solve_fwd_bwd}
     if include_reference:
-        ops["torch solve"] = _with_solver("torch", solve_fwd)
-        ops["torch solve+backward"] = _with_solver("torch", solve_fwd_bwd)
+        ops["torch solve"] = solve_fwd
+        ops["torch solve+backward"] = solve_fwd_bwd
     ops["conv2d"] = conv_fwd
     ops["conv2d+wgrad"] = conv_fwd_wgrad
     if include_one_thread and shape.device == "cpu" and torch.get_num_threads() > 1:
-        ops["native solve, 1 thread"] = _with_solver("native", solve_fwd)
+        ops["native solve, 1 thread"] = solve_fwd
     if include_layer:
         import layers
 
@@ -204,7 +225,7 @@ def make_ops(shape: Shape, include_reference: bool = True, include_layer: bool =
             with torch.no_grad():
                 return layer(y)
 
-        ops["inverse-flow forward"] = _with_solver("native", layer_fwd)
+        ops["inverse-flow forward"] = layer_fwd
     return ops
 
 
@@ -235,6 +256,17 @@ def machine_peak(device: str, dtype: str) -> dict | None:
     return out
 
 
+def handover_ns(device: str) -> float | None:
+    """The one-way hand-over latency between the first two intra-op threads, in ns (the median of
+    10 batches of 200 round trips on a shared flag; None on a GPU, with one thread or without the
+    native kernel). A multi-thread solve of one image pays it once per row, and every barrier of
+    a thread pool pays it: on a VM the host may move the virtual CPUs between cores that share a
+    cache (tens of ns) and cores that do not (hundreds), and two-thread times move with it."""
+    if device != "cpu" or torch.get_num_threads() < 2 or not native.load("cpu").available:
+        return None
+    return float(torch.ops.invconv_cpu.handover_ns(10)) or None
+
+
 def floors(shape: Shape, ops: list[str], peak: dict | None, threads: int) -> dict[str, float]:
     """Each op's arithmetic floor in seconds: its FLOP at ``threads`` × the per-thread peak."""
     if not peak or not peak.get("flops_per_thread"):
@@ -260,7 +292,7 @@ def measure_shape(shape: Shape, *, min_calls: int = 20, min_seconds: float = 0.5
     per_call = {}
     for name, fn in ops.items():  # warm-up, and an estimate of the time per call (median of the warm-up calls)
         start, times = time.perf_counter(), []
-        with _threads(op_threads(name)):
+        with _threads(op_threads(name)), _solver(op_solver(name)):
             while len(times) < WARMUP_CALLS or time.perf_counter() - start < WARMUP_SECONDS:
                 t0 = time.perf_counter()
                 fn()
@@ -270,12 +302,16 @@ def measure_shape(shape: Shape, *, min_calls: int = 20, min_seconds: float = 0.5
     blocks = {name: max(-(-min_calls // rounds), int(min_seconds / rounds / max(t, 1e-9)) + 1)
               for name, t in per_call.items()}
     samples: dict[str, list[float]] = {name: [] for name in ops}
+    handover: list[float] = []
     for _ in range(rounds):
         for name, fn in ops.items():
-            with _threads(op_threads(name)):  # switched outside the timed calls
+            with _threads(op_threads(name)), _solver(op_solver(name)):  # switched outside the timed calls
                 samples[name].extend(ms / 1e3 for ms in clock.calls(fn, blocks[name]))
+        latency = handover_ns(shape.device)
+        if latency is not None:
+            handover.append(latency)
     return ShapeResult(shape, {name: Measurement(s, unit="s") for name, s in samples.items()},
-                       floors(shape, list(ops), peak, torch.get_num_threads()))
+                       floors(shape, list(ops), peak, torch.get_num_threads()), handover)
 
 
 def environment(device: str) -> dict:
