@@ -138,9 +138,10 @@ def _check_solve_args(y: torch.Tensor, weight: torch.Tensor, orientation: str) -
     _check_orientation(orientation)
     if not isinstance(y, torch.Tensor) or y.dim() != 4:
         raise ValueError(f"solve: y must be a 4-D tensor (B, C, H, W), got shape {tuple(getattr(y, 'shape', ()))}")
-    if weight.dim() != 4 or weight.shape[0] != weight.shape[1] or weight.shape[2] != weight.shape[3]:
-        raise ValueError(f"solve: weight must have shape (C, C, k, k), got {tuple(weight.shape)}")
-    if weight.shape[0] != y.shape[1]:
+    ws = weight.shape if isinstance(weight, torch.Tensor) else ()  # read once: this runs on every solve
+    if len(ws) != 4 or ws[0] != ws[1] or ws[2] != ws[3]:
+        raise ValueError(f"solve: weight must be a tensor of shape (C, C, k, k), got {tuple(ws) or type(weight).__name__}")
+    if ws[0] != y.shape[1]:
         raise ValueError(f"solve: weight is for C={weight.shape[0]} channels but y has {y.shape[1]} "
                          f"(shape {tuple(y.shape)})")
     if y.dtype != weight.dtype or y.device != weight.device:

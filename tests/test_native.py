@@ -369,6 +369,30 @@ def test_solver_env_rejects_unknown_values(monkeypatch):
     assert native.solver_status()["cpu"]["solver"] == "error"
 
 
+def test_solver_env_is_read_on_every_call(monkeypatch):
+    """Each raw value is parsed once, but the variable is read per call: a change takes effect at
+    the next solve, and a bad value fails every time (it is never remembered as valid)."""
+    for raw, mode in [(" Native ", "native"), ("torch", "torch"), ("", "auto"), (" Native ", "native")]:
+        monkeypatch.setenv(native.SOLVER_ENV, raw)
+        assert native.requested_mode() == mode
+    monkeypatch.delenv(native.SOLVER_ENV)
+    assert native.requested_mode() == "auto"
+    for _ in range(2):
+        monkeypatch.setenv(native.SOLVER_ENV, "fast")
+        with pytest.raises(ValueError, match="INVCONV_SOLVER='fast' is not valid"):
+            native.requested_mode()
+    monkeypatch.setenv(native.CPU_ISA_ENV, "generic")
+    assert native.cpu_isa_code() == 1
+    monkeypatch.setenv(native.CPU_ISA_ENV, " AVX2")
+    assert native.cpu_isa_code() == 2
+    monkeypatch.delenv(native.CPU_ISA_ENV)
+    assert native.cpu_isa_code() == 0
+    for _ in range(2):
+        monkeypatch.setenv(native.CPU_ISA_ENV, "sse9")
+        with pytest.raises(ValueError, match="accepted values: auto, generic, avx2, avx512"):
+            native.cpu_isa_code()
+
+
 def test_solver_env_torch_uses_the_reference(monkeypatch):
     monkeypatch.setenv(native.SOLVER_ENV, "torch")
     y = torch.randn(1, 2, 3, 3, dtype=torch.float64)
