@@ -380,9 +380,6 @@ struct RowSolver {
       } else {
         std::memcpy(curx + (ptrdiff_t)jb * Cp, acc + (ptrdiff_t)jb * Cp, sizeof(T) * (size_t)(je - jb) * Cp);
       }
-      // The right neighbour reads this row's solved columns in the row buffer, not in x: it may
-      // go on while we copy them out.
-      sync.after(i);
       // The solved columns of the row out, NCHW.
       for (int c = 0; c < C; ++c) {
         T* xr = x + chan[c] * plane + (ptrdiff_t)h * W;
@@ -391,6 +388,10 @@ struct RowSolver {
         else
           for (int j = jb; j < je; ++j) xr[j] = curx[(ptrdiff_t)j * Cp + c];
       }
+      // Published after the copy-out, though the right neighbour reads only the row buffer:
+      // publishing before it was slower (instrumented, B=1 C=12 32² k=3, 2 threads, Zen 4: the
+      // right strip ended at 35 µs instead of 32.4, alternating builds).
+      sync.after(i);
     }
   }
 
