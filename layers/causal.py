@@ -144,7 +144,7 @@ def _check_solve_args(y: torch.Tensor, weight: torch.Tensor, orientation: str) -
     if ws[0] != y.shape[1]:
         raise ValueError(f"solve: weight is for C={weight.shape[0]} channels but y has {y.shape[1]} "
                          f"(shape {tuple(y.shape)})")
-    if y.dtype != weight.dtype or y.device != weight.device:
+    if y.dtype != weight.dtype or not ((y.is_cpu and weight.is_cpu) or y.device == weight.device):
         raise ValueError(f"solve: y ({y.dtype}, {y.device}) and weight ({weight.dtype}, {weight.device}) "
                          "must share dtype and device")
     if not y.is_floating_point():
