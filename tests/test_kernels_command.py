@@ -49,9 +49,11 @@ def test_kernels_command_smoke(tmp_path):
     assert peak["estimate"] is True and peak["isa"] == env["cpu_isa"]
     assert peak["measured_flops_per_thread"] > 0 and peak["flops_per_thread"] > 0
     floors = record["results"][0]["floors_s"]
-    flop = 2 * 1 * 6 * 5 * 4**2 * 2**2  # one convolution of B=1, C=4, 6×5, k=2
-    assert floors["native solve"] == pytest.approx(flop / peak["flops_per_thread"])
-    assert floors["native solve+backward"] == pytest.approx(3 * floors["native solve"])
+    conv_flop = 2 * 1 * 6 * 5 * 4**2 * 2**2  # one convolution of B=1, C=4, 6×5, k=2
+    solve_flop = 2 * 1 * 6 * 5 * (4**2 * 3 + 4 * 5 // 2)  # three dense taps, the triangular centre
+    assert floors["conv2d"] == pytest.approx(conv_flop / peak["flops_per_thread"])
+    assert floors["native solve"] == pytest.approx(solve_flop / peak["flops_per_thread"])
+    assert floors["native solve+backward"] == pytest.approx(2 * floors["native solve"] + floors["conv2d"])
     assert floors["conv2d+wgrad"] == pytest.approx(2 * floors["conv2d"])
     assert "arithmetic floor (an estimate)" in table and "floor (est.)" in table
     assert len(env["load_average"]) == 3

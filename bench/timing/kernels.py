@@ -48,10 +48,11 @@ OPS = {
     "inverse-flow forward": "the inverse-flow layer's density direction (weight assembly + solve), no grad",
 }
 
-#: Multiply-add passes of each op in units of one k×k convolution of the shape (2·B·H·W·C²·k²
-#: FLOP): the backward is an adjoint solve plus a weight gradient.
-OP_PASSES = {"native solve": 1, "native solve+backward": 3, "torch solve": 1, "torch solve+backward": 3,
-             "conv2d": 1, "conv2d+wgrad": 2, "native solve, 1 thread": 1, "inverse-flow forward": 1}
+#: The work of each op as (solves, convolutions) of the shape (see Shape.solve_flops and
+#: Shape.flops): the backward of a solve is an adjoint solve plus a weight gradient (a convolution).
+OP_WORK = {"native solve": (1, 0), "native solve+backward": (2, 1), "torch solve": (1, 0),
+           "torch solve+backward": (2, 1), "conv2d": (0, 1), "conv2d+wgrad": (0, 2),
+           "native solve, 1 thread": (1, 0), "inverse-flow forward": (1, 0)}
 
 
 class _ShapeMethods:
@@ -62,8 +63,16 @@ class _ShapeMethods:
                 f"{self.orientation} {self.dtype} {self.device}")
 
     def flops(self) -> int:
-        """FLOP of one k×k convolution of this shape (= of one solve): 2·B·H·W·C²·k²."""
+        """FLOP of one k×k convolution of this shape: 2·B·H·W·C²·k²."""
         return 2 * self.batch * self.height * self.width * self.channels**2 * self.kernel_size**2
+
+    def solve_flops(self) -> int:
+        """FLOP of one solve of this shape: the convolution's, less the centre tap's zero upper
+        triangle, 2·B·H·W·(C²·(k²−1) + C·(C+1)/2) — the centre block is triangular (its
+        inverse too), so a kernel that skips the zeros does that much; at k = 1 it is about half
+        of the dense product's."""
+        c, k = self.channels, self.kernel_size
+        return 2 * self.batch * self.height * self.width * (c * c * (k * k - 1) + c * (c + 1) // 2)
 
 
 #: One solve's shape: the tensor geometry of a sweep cell (the fields of
@@ -274,7 +283,8 @@ def floors(shape: Shape, ops: list[str], peak: dict | None, threads: int) -> dic
     out = {}
     for name in ops:
         n = op_threads(name) or threads
-        out[name] = OP_PASSES[name] * shape.flops() / (n * peak["flops_per_thread"])
+        solves, convs = OP_WORK[name]
+        out[name] = (solves * shape.solve_flops() + convs * shape.flops()) / (n * peak["flops_per_thread"])
     return out
 
 
