@@ -240,7 +240,20 @@ def foreign(records: list[dict[str, Any]], config: dict[str, Any]) -> list[dict[
               and (c.get("kernel_size") is None or c.get("kernel_size") in values.get("kernel_size", []))
               and (c.get("height"), c.get("width")) in sizes
               and (c.get("scope") or "layer") == (config.get("scope") or "layer")
-              and (c.get("options") or {}) == ((config.get("options") or {}).get(c.get("layer")) or {}))
+              and (c.get("options") or {}) in _expected_options(c, config))
         if not ok:
             out.append(r)
     return out
+
+
+def _expected_options(cell: dict[str, Any], config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The layer options a cell of ``config`` may carry: the layer's, and for a published
+    architecture's cell those merged with the options of the configuration's entries for that
+    architecture (as bench.sweep.cells.expand builds them; none when the configuration does not
+    list the architecture)."""
+    base = (config.get("options") or {}).get(cell.get("layer")) or {}
+    architecture = cell.get("architecture")
+    if not architecture:
+        return [base]
+    return [{**base, **(entry.get("options") or {})} for entry in config.get("architectures") or []
+            if entry.get("layer") == cell.get("layer") and entry.get("architecture") == architecture]

@@ -385,6 +385,33 @@ def test_records_from_another_configuration_are_warned_about(tmp_path):
         bench_in_process("table", str(tmp_path / "r"))
 
 
+@pytest.mark.parametrize("preset", ["cifar", "mnist"])
+def test_a_runs_published_architecture_cells_belong_to_it(preset):
+    """The committed quick runs of the presets with published architectures: every record —
+    MintNet's architecture cells carry that entry's options on top of the layer's — belongs to
+    the run's configuration (they were reported as copied from another run)."""
+    run_dir = Path(__file__).resolve().parent.parent / "results" / "quick" / preset
+    config, recs = runs.load_config(run_dir), runs.load_records(run_dir)
+    assert any(r["cell"].get("architecture") and r["cell"].get("options") for r in recs)
+    assert records.foreign(recs, config) == []
+
+
+def test_architecture_cells_with_other_options_or_architectures_are_foreign():
+    config = {"layers": ["mintnet"], "device": "cpu", "dtype": "float32", "scope": "model",
+              "values": {"input_size": [8], "batch": [2], "kernel_size": [3], "channels": [3]},
+              "options": {"mintnet": {"newton_lr": 1.0}},
+              "architectures": [{"layer": "mintnet", "architecture": {"name": "mintnet", "pairs": 1},
+                                 "options": {"iterations": 100}}]}
+    cell = {"layer": "mintnet", "device": "cpu", "dtype": "float32", "batch": 2, "channels": 3,
+            "kernel_size": 3, "height": 8, "width": 8, "scope": "model"}
+    glow_style = {**cell, "options": {"newton_lr": 1.0}}
+    arch = {**cell, "architecture": {"name": "mintnet", "pairs": 1}, "options": {"newton_lr": 1.0, "iterations": 100}}
+    other_options = {**arch, "options": {"iterations": 100}}
+    other_architecture = {**arch, "architecture": {"name": "mintnet", "pairs": 2}}
+    recs = [{"cell": c} for c in (glow_style, arch, other_options, other_architecture)]
+    assert [r["cell"] for r in records.foreign(recs, config)] == [other_options, other_architecture]
+
+
 # --- 9. presets ---------------------------------------------------------------------------------
 
 
