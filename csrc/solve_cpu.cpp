@@ -736,6 +736,15 @@ double measure_handover_ns(int64_t batches) {
       }
       spin_pause();
     }
+    // Spin, then yield: with more threads than free CPUs the partner may be descheduled, and a
+    // pure spin would hold the CPU it needs until the scheduler's next tick.
+    auto wait_for = [](const std::atomic<int>& f, int v) {
+      for (int spins = 0; f.load(std::memory_order_acquire) != v;)
+        if (++spins < 1024)
+          spin_pause();
+        else
+          std::this_thread::yield();
+    };
     int v = 0;
     for (int64_t b = 0; b < n && !alone.load(); ++b) {
       const auto tb = std::chrono::steady_clock::now();
@@ -743,9 +752,9 @@ double measure_handover_ns(int64_t batches) {
         ++v;
         if (t0 == 0) {  // ping: publish v, wait for the echo
           flag[0].rows.store(v, std::memory_order_release);
-          while (flag[1].rows.load(std::memory_order_acquire) != v) spin_pause();
+          wait_for(flag[1].rows, v);
         } else {  // pong: wait for v, echo it
-          while (flag[0].rows.load(std::memory_order_acquire) != v) spin_pause();
+          wait_for(flag[0].rows, v);
           flag[1].rows.store(v, std::memory_order_release);
         }
       }
