@@ -314,17 +314,23 @@ struct alignas(128) Progress {
 
 // The strip split's hand-over: wait for the left strip's rows (none for the leftmost strip),
 // publish our own. Phase A of row i needs the left strip's rows < i, phase B its row i.
+// Waits until done() holds: spins, then yields — a loaded machine (or more threads than free
+// CPUs) may have descheduled the thread we wait for, and a pure spin would hold the CPU it
+// needs until the scheduler's next tick.
+template <class Done>
+INVCONV_INLINE void spin_until(Done&& done) {
+  for (int spins = 0; !done();)
+    if (++spins < 1024)
+      spin_pause();
+    else
+      std::this_thread::yield();
+}
+
 struct StripSync {
   const std::atomic<int>* left;
   std::atomic<int>* mine;
   static INVCONV_INLINE void wait(const std::atomic<int>* p, int rows) {
-    int spins = 0;
-    while (p->load(std::memory_order_acquire) < rows) {
-      if (++spins < 1024)
-        spin_pause();
-      else
-        std::this_thread::yield();  // a loaded machine may have descheduled the left strip
-    }
+    spin_until([&] { return p->load(std::memory_order_acquire) >= rows; });
   }
   INVCONV_INLINE void before_a(int i) const {
     if (left) wait(left, i);
@@ -736,14 +742,8 @@ double measure_handover_ns(int64_t batches) {
       }
       spin_pause();
     }
-    // Spin, then yield: with more threads than free CPUs the partner may be descheduled, and a
-    // pure spin would hold the CPU it needs until the scheduler's next tick.
     auto wait_for = [](const std::atomic<int>& f, int v) {
-      for (int spins = 0; f.load(std::memory_order_acquire) != v;)
-        if (++spins < 1024)
-          spin_pause();
-        else
-          std::this_thread::yield();
+      spin_until([&] { return f.load(std::memory_order_acquire) == v; });
     };
     int v = 0;
     for (int64_t b = 0; b < n && !alone.load(); ++b) {

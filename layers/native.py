@@ -71,6 +71,7 @@ SOLVER_ENV = "INVCONV_SOLVER"
 SOLVER_MODES = ("auto", "torch", "native")
 CPU_ISA_ENV = "INVCONV_CPU_ISA"
 _CPU_ISAS = {"auto": 0, "generic": 1, "avx2": 2, "avx512": 3}
+_SOLVER_MODE_OF = {mode: mode for mode in SOLVER_MODES}
 CACHE_ENV = "INVCONV_NATIVE_CACHE"
 
 _CPU_SOURCES = ("solve_cpu.cpp", "solve_ops_cpu.cpp")
@@ -131,8 +132,7 @@ def build_statuses() -> dict[str, BuildStatus]:
 # a variable through os.environ updates that mapping, so nothing is missed.
 _ENVIRON_DATA = getattr(os.environ, "_data", None)
 _ENVIRON_KEYS: dict[str, object] = {}
-_MODE_OF: dict[object, str] = {}
-_ISA_CODE_OF: dict[object, int] = {}
+_PARSED: dict[tuple[str, object], object] = {}  # (variable, raw value) -> its parsed value
 
 
 def _raw_env(name: str):
@@ -145,29 +145,29 @@ def _raw_env(name: str):
     return _ENVIRON_DATA.get(key)
 
 
+def _env_choice(name: str, accepted: dict[str, object]):
+    """``accepted[value]`` for the value of variable ``name`` (stripped, lower case; unset or
+    empty is ``auto``), parsed once per raw value; a one-line error naming the accepted values
+    for anything else (never cached, so it fails on every call)."""
+    raw = _raw_env(name)
+    parsed = _PARSED.get((name, raw), _PARSED)
+    if parsed is _PARSED:
+        value = os.environ.get(name)
+        choice = (value or "").strip().lower() or "auto"
+        if choice not in accepted:
+            raise ValueError(f"{name}={value!r} is not valid; accepted values: {', '.join(accepted)}")
+        parsed = _PARSED[(name, raw)] = accepted[choice]
+    return parsed
+
+
 def requested_mode() -> str:
     """The value of ``INVCONV_SOLVER`` (default ``auto``); a clear error for anything else."""
-    raw = _raw_env(SOLVER_ENV)
-    mode = _MODE_OF.get(raw)
-    if mode is None:
-        value = os.environ.get(SOLVER_ENV)
-        mode = (value or "").strip().lower() or "auto"
-        if mode not in SOLVER_MODES:
-            raise ValueError(f"{SOLVER_ENV}={value!r} is not valid; accepted values: {', '.join(SOLVER_MODES)}")
-        _MODE_OF[raw] = mode
-    return mode
+    return _env_choice(SOLVER_ENV, _SOLVER_MODE_OF)
 
 
 def cpu_isa_code() -> int:
     """The native CPU kernel's ISA code for ``INVCONV_CPU_ISA`` (default ``auto``); a clear error for anything else."""
-    raw = _raw_env(CPU_ISA_ENV)
-    code = _ISA_CODE_OF.get(raw)
-    if code is None:
-        isa = (os.environ.get(CPU_ISA_ENV) or "").strip().lower() or "auto"
-        if isa not in _CPU_ISAS:
-            raise ValueError(f"{CPU_ISA_ENV}={isa!r} is not valid; accepted values: {', '.join(_CPU_ISAS)}")
-        code = _ISA_CODE_OF[raw] = _CPU_ISAS[isa]
-    return code
+    return _env_choice(CPU_ISA_ENV, _CPU_ISAS)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -72,13 +72,19 @@ SWEEP_RATIOS = {"solve / conv2d": "solve ÷ conv", "solve+backward / conv2d": "s
                 "solve 1 thread / solve (thread speed-up)": "1 thread ÷ all"}
 
 
+def _handover_range(res, collapse: bool = False) -> str:
+    """The threads' hand-over latencies of a shape's rounds as "lo–hi" in ns (with ``collapse``,
+    "lo" when they are equal)."""
+    lo, hi = min(res.handover_ns), max(res.handover_ns)
+    return f"{lo:.0f}" if collapse and hi - lo < 0.5 else f"{lo:.0f}–{hi:.0f}"
+
+
 def _handover_line(res) -> str | None:
     """The threads' hand-over latency during a shape's rounds, flagged when it changed."""
     if not res.handover_ns:
         return None
-    lo, hi = min(res.handover_ns), max(res.handover_ns)
     line = (f"- thread hand-over latency (one way, after each of {len(res.handover_ns)} rounds): "
-            + (f"{lo:.0f} ns" if hi - lo < 0.5 else f"{lo:.0f}–{hi:.0f} ns"))
+            f"{_handover_range(res, collapse=True)} ns")
     if res.handover_changed():
         line += (" — **changed during the measurement**: the machine moved its CPUs, so the multi-thread "
                  "times above mix two states; rerun before comparing them")
@@ -130,8 +136,7 @@ def render_markdown(env: dict, results: list) -> str:
             solve = r.measurements["native solve"].median
             floor = r.floors.get("native solve")
             ratios = r.ratios()
-            handover = (f"{min(r.handover_ns):.0f}–{max(r.handover_ns):.0f}" + (" (changed)" if r.handover_changed() else "")
-                        if r.handover_ns else "—")
+            handover = (_handover_range(r) + (" (changed)" if r.handover_changed() else "")) if r.handover_ns else "—"
             rows.append([r.shape.batch, r.shape.channels, r.shape.kernel_size, _us(solve),
                          _us(floor) if floor else "—", _us(r.measurements["conv2d"].median)]
                         + [_ratio(ratios[k]) for k in SWEEP_RATIOS] + [handover])
