@@ -133,3 +133,26 @@ def test_kernels_table_flags_a_changed_handover():
     assert "50–203 (changed)" in sweep and "50–52 " in sweep
     assert moved.as_dict()["handover_changed"] is True and moved.as_dict()["handover_ns"] == [50.0, 52.0, 203.0]
 
+
+
+def test_each_op_is_timed_under_its_solver(monkeypatch):
+    """The solver is switched around each block of timed calls: torch ops under the reference,
+    native ops and the layer under the native solver, conv2d untouched; restored afterwards,
+    also when the variable was unset."""
+    from bench.timing import kernels
+    from layers import native
+
+    assert {name: kernels.op_solver(name) for name in kernels.OPS} == {
+        "native solve": "native", "native solve+backward": "native", "torch solve": "torch",
+        "torch solve+backward": "torch", "conv2d": None, "conv2d+wgrad": None,
+        "native solve, 1 thread": "native", "inverse-flow forward": "native"}
+    monkeypatch.delenv(native.SOLVER_ENV, raising=False)
+    with kernels._solver("torch"):
+        assert native.requested_mode() == "torch"
+    assert native.SOLVER_ENV not in os.environ
+    monkeypatch.setenv(native.SOLVER_ENV, "auto")
+    with kernels._solver("native"):
+        assert native.requested_mode() == "native"
+    with kernels._solver(None):
+        assert native.requested_mode() == "auto"
+    assert os.environ[native.SOLVER_ENV] == "auto"
