@@ -272,8 +272,9 @@ constexpr int64_t kParallelGrainOps = 32768;
 // The narrowest column strip of the split inside an image (below it the per-row hand-over
 // between strips costs more than the strip's work).
 constexpr int kMinStripColumns = 8;
-// The largest shared row buffer (all H rows, channels last) the strip split may allocate.
-constexpr size_t kMaxStripBufferBytes = size_t(32) << 20;
+// The largest mailbox (every row's halo at every strip boundary, see StripSync) the strip split
+// may allocate.
+constexpr size_t kMaxMailboxBytes = size_t(32) << 20;
 
 // Multiply-adds of one image in units of 16-byte vectors (the padding granularity).
 int64_t image_ops(int C, int Cp, int H, int W, int k, int G) {
@@ -285,18 +286,40 @@ int64_t grain_images(int C, int Cp, int H, int W, int k, int G) {
   return std::max<int64_t>(1, (kParallelGrainOps + per_image - 1) / per_image);
 }
 
+// One 64-byte line of a strip boundary's mailbox: part of the left strip's last k-1 columns of
+// one row, and the row's number + 1 once they are there. Data and flag share the line, so the
+// right strip gets both in one cross-core transfer (a separate progress flag cost a second,
+// serial one per row: the flag, then the data it announces).
+template <class T>
+struct alignas(64) MailLine {
+  static constexpr int kElems = (64 - (int)sizeof(uint64_t)) / (int)sizeof(T);
+  T data[kElems];
+  std::atomic<uint64_t> seq;
+};
+static_assert(sizeof(MailLine<float>) == 64 && sizeof(MailLine<double>) == 64, "one cache line");
+
+// Lines per row of a mailbox carrying `halo` elements, rounded up to an even count so that rows
+// never share a 128-byte pair of lines (the adjacent-line prefetcher moves pairs).
+template <class T>
+int mail_lines(int halo) {
+  const int lines = (halo + MailLine<T>::kElems - 1) / MailLine<T>::kElems;
+  return (lines + 1) / 2 * 2;
+}
+
 // Column strips per image: 1 (one task per image) unless there are fewer images than threads
 // and each strip still gets a worthwhile amount of work; then the images' strips are solved
 // concurrently, strip s one row behind strip s-1 (the solve of pixel (i, j) reads only rows <= i
 // and columns <= j in logical coordinates, so a strip waits only for its left neighbour).
-int strips_per_image(int64_t B, int C, int Cp, int H, int W, int k, int G, size_t elem) {
+template <class T>
+int strips_per_image(int64_t B, int C, int Cp, int H, int W, int k, int G) {
   const int threads = std::max(1, at::get_num_threads());
   if (at::in_parallel_region() || B >= threads || H < 2) return 1;
   int S = (int)(threads / B);
-  S = std::min(S, W / kMinStripColumns);
+  S = std::min(S, W / std::max(kMinStripColumns, k - 1));  // a strip's halo lies in its left neighbour
   S = (int)std::min<int64_t>(S, image_ops(C, Cp, H, W, k, G) / kParallelGrainOps);
-  if ((size_t)B * H * (W + k - 1) * Cp * elem > kMaxStripBufferBytes) return 1;
-  return std::max(1, S);
+  if (S <= 1 || (size_t)B * (S - 1) * H * mail_lines<T>((k - 1) * Cp) * sizeof(MailLine<T>) > kMaxMailboxBytes)
+    return 1;
+  return S;
 }
 
 INVCONV_INLINE void spin_pause() {
@@ -305,15 +328,6 @@ INVCONV_INLINE void spin_pause() {
 #endif
 }
 
-// Rows finished by one strip, alone on its cache lines (128 bytes: the adjacent-line prefetcher
-// pairs 64-byte lines), so that publishing one strip's progress does not steal the line its
-// neighbour is polling or publishing to.
-struct alignas(128) Progress {
-  std::atomic<int> rows;
-};
-
-// The strip split's hand-over: wait for the left strip's rows (none for the leftmost strip),
-// publish our own. Phase A of row i needs the left strip's rows < i, phase B its row i.
 // Waits until done() holds: spins, then yields — a loaded machine (or more threads than free
 // CPUs) may have descheduled the thread we wait for, and a pure spin would hold the CPU it
 // needs until the scheduler's next tick.
@@ -326,19 +340,39 @@ INVCONV_INLINE void spin_until(Done&& done) {
       std::this_thread::yield();
 }
 
+// The strip split's hand-over. A strip's rows live in its own buffer, so a right neighbour never
+// writes a cache line the left one reads; after solving row i a strip posts its last k-1 columns
+// of the row (the right neighbour's halo) to the mailbox between them, and before phase B of row
+// i the right neighbour copies them into its own row (phase A of later rows then reads the copy).
+template <class T>
 struct StripSync {
-  const std::atomic<int>* left;
-  std::atomic<int>* mine;
-  static INVCONV_INLINE void wait(const std::atomic<int>* p, int rows) {
-    spin_until([&] { return p->load(std::memory_order_acquire) >= rows; });
+  const MailLine<T>* in;  // from the left neighbour (null for the leftmost strip)
+  MailLine<T>* out;       // to the right neighbour (null for the rightmost strip)
+  int lines;              // mailbox lines per row
+  int halo;               // (k-1)*Cp elements
+  ptrdiff_t last;         // where this strip's last k-1 columns start in its row slot
+  static INVCONV_INLINE void before_a(int) {}
+  INVCONV_INLINE void before_b(int i, T* cur) const {
+    if (!in) {
+      std::memset(cur, 0, sizeof(T) * (size_t)halo);
+      return;
+    }
+    const MailLine<T>* row = in + (ptrdiff_t)i * lines;
+    // Every line's transfer is started before the first wait.
+    for (int l = 0; l < lines; ++l) __builtin_prefetch(&row[l], 0, 3);
+    for (int l = 0, e = 0; e < halo; ++l, e += MailLine<T>::kElems) {
+      spin_until([&] { return row[l].seq.load(std::memory_order_acquire) == (uint64_t)i + 1; });
+      std::memcpy(cur + e, row[l].data, sizeof(T) * (size_t)std::min(MailLine<T>::kElems, halo - e));
+    }
   }
-  INVCONV_INLINE void before_a(int i) const {
-    if (left) wait(left, i);
+  INVCONV_INLINE void after(int i, const T* cur) const {
+    if (!out) return;
+    MailLine<T>* row = out + (ptrdiff_t)i * lines;
+    for (int l = 0, e = 0; e < halo; ++l, e += MailLine<T>::kElems) {
+      std::memcpy(row[l].data, cur + last + e, sizeof(T) * (size_t)std::min(MailLine<T>::kElems, halo - e));
+      row[l].seq.store((uint64_t)i + 1, std::memory_order_release);
+    }
   }
-  INVCONV_INLINE void before_b(int i) const {
-    if (left) wait(left, i + 1);
-  }
-  INVCONV_INLINE void after(int i) const { mine->store(i + 1, std::memory_order_release); }
 };
 
 
@@ -373,25 +407,41 @@ void pointwise_images(const typename K::O::T* yp, typename K::O::T* xp, int64_t 
   });
 }
 
+// What Fold::run needs to fold one weight: kept unfolded until solve_images knows where the
+// folded copies go (one shared copy, or one per strip task when an image is split: the fold is
+// then done by every strip at once instead of on the calling thread before the split starts).
+template <class K>
+struct FoldSpec {
+  using T = typename K::O::T;
+  const T* w;
+  int C, k, Cp;
+  bool flip_h, flip_w, adjoint, unit;
+  size_t size() const { return (size_t)k * k * C * Cp; }
+  void into(T* wf) const { K::FW::run(w, C, k, flip_h, flip_w, adjoint, unit, wf, Cp); }
+};
+
 // Solves B images of y into x with the pre-folded weights, in parallel over images or (fewer
 // images than threads) over column strips of each image.
 template <class K>
-void solve_images(const typename K::O::T* yp, typename K::O::T* xp, int64_t B, const typename K::O::T* wf,
+void solve_images(const typename K::O::T* yp, typename K::O::T* xp, int64_t B, const FoldSpec<K>& fold,
                   const int* chan, int C, int Cp, int H, int W, int k, bool flip_h, bool flip_w) {
   using Ops = typename K::O;
   using T = typename Ops::T;
   using RS = typename K::RS;
   const ptrdiff_t image = (ptrdiff_t)C * H * W;
+  const int S = k == 1 ? 1 : strips_per_image<T>(B, C, Cp, H, W, k, Ops::G);
+  Scratch<T> shared(S <= 1 ? fold.size() : 0, /*zero=*/false);  // Fold::run writes every entry
+  if (S <= 1) fold.into(shared.ptr);
+  const T* wf = shared.ptr;
   if (k == 1) {
     pointwise_images<K>(yp, xp, B, wf, chan, C, Cp, (ptrdiff_t)H * W);
     return;
   }
-  const int S = strips_per_image(B, C, Cp, H, W, k, Ops::G, sizeof(T));
   if (S <= 1) {
     // Images are independent (the solve couples all channels of one image), so tasks are
     // images; small problems stay on the calling thread (see kParallelGrainOps).
     at::parallel_for(0, B, grain_images(C, Cp, H, W, k, Ops::G), [&](int64_t b0, int64_t b1) {
-      Scratch<T> ring((size_t)k * (W + k - 1) * Cp), acc((size_t)W * Cp);
+      Scratch<T> ring((size_t)k * RS::slot_size(W, k, Cp)), acc((size_t)W * Cp);
       std::vector<typename RS::Tap> taps((size_t)k * k + 1);
       for (int64_t b = b0; b < b1; ++b)
         RS::solve_image(yp + b * image, xp + b * image, wf, chan, C, Cp, H, W, k, flip_h, flip_w, ring.ptr,
@@ -399,24 +449,34 @@ void solve_images(const typename K::O::T* yp, typename K::O::T* xp, int64_t B, c
     });
     return;
   }
-  // Strip split: every row of an image stays in one buffer (no ring to recycle, so a strip that
-  // runs ahead never overwrites rows its right neighbour still reads), and strip s publishes
-  // the rows it has finished. Whatever the OpenMP schedule, a thread runs its tasks in
-  // increasing order and a task waits only for lower ones, so nothing deadlocks.
-  const ptrdiff_t rows = (ptrdiff_t)H * (W + k - 1) * Cp;
-  Scratch<T> buffer((size_t)B * rows, /*zero=*/false);  // the leftmost strip clears the padding columns
-  std::unique_ptr<Progress[]> done(new Progress[(size_t)B * S]);
-  for (int64_t t = 0; t < B * S; ++t) done[t].rows.store(0, std::memory_order_relaxed);
+  // Strip split: each strip walks its columns with a ring of k rows, like a whole image, and
+  // posts each row's last k-1 columns to the mailbox of its right boundary (all H rows, so a
+  // strip that runs ahead never overwrites what its neighbour has yet to read; cleared, so that
+  // no row number is there before it is posted). Whatever the OpenMP schedule, a thread runs its
+  // tasks in increasing order and a task waits only for lower ones, so nothing deadlocks.
+  const int halo = (k - 1) * Cp, lines = mail_lines<T>(halo);
+  const ptrdiff_t per_boundary = (ptrdiff_t)H * lines;  // mailbox lines
+  const size_t mail_bytes = sizeof(MailLine<T>) * (size_t)B * (S - 1) * per_boundary;  // a multiple of 128
+  std::unique_ptr<MailLine<T>[], decltype(&std::free)> mail(
+      static_cast<MailLine<T>*>(std::aligned_alloc(128, mail_bytes)), &std::free);  // rows on whole pairs of lines
+  TORCH_CHECK(mail, "invconv_cpu: out of memory for the strip split's mailbox (", mail_bytes, " bytes)");
+  std::memset(static_cast<void*>(mail.get()), 0, mail_bytes);
   at::parallel_for(0, B * S, 1, [&](int64_t t0, int64_t t1) {
-    Scratch<T> acc((size_t)W * Cp);
+    Scratch<T> ring((size_t)k * RS::slot_size((W + S - 1) / S, k, Cp)), acc((size_t)W * Cp);
+    Scratch<T> own(fold.size(), /*zero=*/false);
+    fold.into(own.ptr);
+    const T* wf = own.ptr;
     std::vector<typename RS::Tap> taps((size_t)k * k + 1);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / S;
       const int s = (int)(t % S);
       const int jb = (int)((int64_t)W * s / S), je = (int)((int64_t)W * (s + 1) / S);
-      StripSync sync{s == 0 ? nullptr : &done[t - 1].rows, &done[t].rows};
-      RS::solve_rows(yp + b * image, xp + b * image, wf, chan, C, Cp, H, W, k, flip_h, flip_w, buffer.ptr + b * rows,
-                     H, jb, je, typename RS::Work{acc.ptr, taps.data()}, sync);
+      MailLine<T>* boundaries = mail.get() + b * (S - 1) * per_boundary;  // boundary s-1 | s is number s-1
+      const StripSync<T> sync{s == 0 ? nullptr : boundaries + (s - 1) * per_boundary,
+                              s == S - 1 ? nullptr : boundaries + s * per_boundary, lines, halo,
+                              (ptrdiff_t)(je - jb) * Cp};
+      RS::solve_rows(yp + b * image, xp + b * image, wf, chan, C, Cp, H, W, k, flip_h, flip_w, ring.ptr, jb, je,
+                     typename RS::Work{acc.ptr, taps.data()}, sync);
     }
   });
 }
@@ -476,11 +536,10 @@ void run_solve(const at::Tensor& y, const at::Tensor& w, at::Tensor& x, int orie
   const int Cp = (C + Ops::G - 1) / Ops::G * Ops::G;  // output channels padded to 16 bytes
   const int eff = adjoint ? (orientation ^ 3) : orientation;  // the transpose reads the opposite quadrant
   const bool flip_h = eff & 2, flip_w = eff & 1;
-  Scratch<T> wf((size_t)k * k * C * Cp, /*zero=*/false);  // Fold::run writes every entry
-  K::FW::run(w.data_ptr<T>(), C, k, flip_h, flip_w, adjoint, unit, wf.ptr, Cp);
+  const FoldSpec<K> fold{w.data_ptr<T>(), C, k, Cp, flip_h, flip_w, adjoint, unit};
   std::vector<int> chan(C);
   for (int c = 0; c < C; ++c) chan[c] = adjoint ? C - 1 - c : c;
-  solve_images<K>(y.data_ptr<T>(), x.data_ptr<T>(), B, wf.ptr, chan.data(), C, Cp, H, W, k, flip_h, flip_w);
+  solve_images<K>(y.data_ptr<T>(), x.data_ptr<T>(), B, fold, chan.data(), C, Cp, H, W, k, flip_h, flip_w);
 }
 
 template <class K>
@@ -510,8 +569,7 @@ void run_backward(const at::Tensor& g, const at::Tensor& w, const at::Tensor& x,
   const int eff = orientation ^ 3;  // the adjoint solve reads the opposite quadrant
   const bool flip_h = eff & 2, flip_w = eff & 1;
   const int pt = (orientation & 2) ? 0 : k - 1, pl = (orientation & 1) ? 0 : k - 1;  // forward padding
-  Scratch<T> wf((size_t)k * k * C * Cp, /*zero=*/false);  // Fold::run writes every entry
-  K::FW::run(w.data_ptr<T>(), C, k, flip_h, flip_w, /*adjoint=*/true, unit, wf.ptr, Cp);
+  const FoldSpec<K> fold{w.data_ptr<T>(), C, k, Cp, flip_h, flip_w, /*adjoint=*/true, unit};
   std::vector<int> chan(C);
   for (int c = 0; c < C; ++c) chan[c] = C - 1 - c;
   const T* gp = g.data_ptr<T>();
@@ -520,10 +578,12 @@ void run_backward(const at::Tensor& g, const at::Tensor& w, const at::Tensor& x,
   const int threads = std::max(1, at::get_num_threads());
   // k = 1 too: its solve is the pointwise product (no row walk to fuse the weight gradient into).
   if ((B < threads && !at::in_parallel_region()) || k == 1) {
-    solve_images<K>(gp, lp, B, wf.ptr, chan.data(), C, Cp, H, W, k, flip_h, flip_w);
+    solve_images<K>(gp, lp, B, fold, chan.data(), C, Cp, H, W, k, flip_h, flip_w);
     if (gw) weight_grad_images<K>(xp, lp, B, C, Cp, H, W, k, orientation, T(-1), gw->data_ptr<T>());
     return;
   }
+  Scratch<T> wf(fold.size(), /*zero=*/false);  // Fold::run writes every entry
+  fold.into(wf.ptr);
   const ptrdiff_t image = (ptrdiff_t)C * H * W;
   const size_t gsize = (size_t)k * k * C * Cp;
   const int64_t grain = grain_images(C, Cp, H, W, k, Ops::G);
@@ -534,7 +594,7 @@ void run_backward(const at::Tensor& g, const at::Tensor& w, const at::Tensor& x,
     for (int64_t t = 0; t < tasks; ++t) partial.emplace_back(gsize);
   }
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    Scratch<T> ring((size_t)k * (W + k - 1) * Cp), acc((size_t)W * Cp);
+    Scratch<T> ring((size_t)k * RS::slot_size(W, k, Cp)), acc((size_t)W * Cp);
     const auto L = WG::layout(C, H, W, k);
     std::unique_ptr<Scratch<T>> wgbuf(gw ? new Scratch<T>(L.scratch(), /*zero=*/false) : nullptr);
     std::vector<typename RS::Tap> taps((size_t)k * k + 1);
@@ -720,6 +780,11 @@ double measure_clock_ghz(int64_t reps) {
 // has one thread (or one thread got both tasks).
 double measure_handover_ns(int64_t batches) {
   if (at::get_num_threads() < 2 || at::in_parallel_region()) return 0.0;
+  // Each thread's flag alone on its 128-byte pair of lines (the adjacent-line prefetcher moves
+  // pairs), so that the only traffic is the hand-over itself.
+  struct alignas(128) Progress {
+    std::atomic<int> rows;
+  };
   constexpr int kTrips = 200;
   const int64_t n = std::max<int64_t>(1, batches);
   Progress flag[2];

@@ -29,9 +29,9 @@
 //      loaded once per P pixels);
 //   B. the in-row taps (da = 0, db >= 1): a recurrence along the row, pixel by pixel, with four
 //      independent accumulators per vector so the dependency chain is C/4 multiply-adds long.
-// Solved rows live channels-last in `ring` (R row slots, each padded with k-1 zero columns on
-// the logical left): R = k when one task walks the whole image, R = H when column strips of one
-// image are solved by several threads (see solve_rows).
+// Solved rows live channels-last in `ring` (k row slots, each with k-1 halo columns on the
+// logical left: zeros left of the image, or the left neighbour's last columns when column strips
+// of one image are solved by several threads; see solve_rows).
 //
 // Every pixel's sum is formed in the same order whatever the blocking, the strip split or the
 // thread count, so results do not depend on them.
@@ -326,6 +326,9 @@ struct RowSolver {
     if constexpr (NQ > 0) Q::store(out + B::kQOff, Q::add(Q::add(q0, q1), Q::add(q2, q3)));
   }
 
+  // Elements of one row slot of `ring` for a task of n columns: the row and its k-1 halo columns.
+  static ptrdiff_t slot_size(int n, int k, int Cp) { return (ptrdiff_t)(n + k - 1) * Cp; }
+
   // Per-task scratch: `acc` holds W*Cp elements (64-byte aligned), `taps` k*k+1 entries.
   struct Work {
     T* acc;
@@ -334,78 +337,85 @@ struct RowSolver {
 
   // Solve rows [0, H) of one image over logical columns [jb, je). `y` and `x` point at the image
   // (C, H, W) in NCHW; `chan` maps logical to physical channels (identity, or reversed for the
-  // adjoint); `ring` holds R*(W+k-1)*Cp elements with its padding columns zero (R = k, or R = H
-  // when several strips share it). `sync` is the strip split's hand-over (no-ops otherwise):
-  // sync.before_a(i) before phase A of row i (which reads rows < i of the strip to the left),
-  // sync.before_b(i) before phase B (which reads row i of that strip), sync.after(i) after it.
+  // adjoint). `ring` holds this task's last k rows: k slots of slot_size(je-jb, k, Cp) elements,
+  // logical column j at slot position k-1+j-jb, the k-1 positions before column jb being the
+  // halo. `sync` fills the halo and is the strip split's hand-over: sync.before_a(i) before phase
+  // A of row i, sync.before_b(i, cur) before phase B (it writes row i's halo into `cur`: zeros
+  // left of the image, otherwise the left strip's last k-1 columns of row i), sync.after(i, cur)
+  // once the row is solved and copied out (it posts this task's last k-1 columns for its right
+  // neighbour).
   template <class Sync>
   static void solve_rows(const T* y, T* x, const T* wf, const int* chan, int C, int Cp, int Hh, int W, int k,
-                         bool flip_h, bool flip_w, T* ring, int R, int jb, int je, Work work, Sync& sync) {
-    const ptrdiff_t slot = (ptrdiff_t)(W + k - 1) * Cp;
+                         bool flip_h, bool flip_w, T* ring, int jb, int je, Work work, const Sync& sync) {
+    const int n = je - jb;  // columns of this task; below, j is local (logical column jb + j)
+    const ptrdiff_t slot = slot_size(n, k, Cp);
     const ptrdiff_t plane = (ptrdiff_t)Hh * W;
     T* acc = work.acc;
     Tap* taps = work.taps;
     for (int i = 0; i < Hh; ++i) {
       sync.before_a(i);
       const int h = flip_h ? Hh - 1 - i : i;
-      T* cur = ring + (ptrdiff_t)(i % R) * slot;
-      T* curx = cur + (ptrdiff_t)(k - 1) * Cp;  // logical column 0 of the current row
-      // The k-1 zero columns left of the image: only the leftmost strip reads them (the others
-      // read their left neighbour's columns there), and it clears them, so the strip split's
-      // row buffer need not be cleared as a whole.
-      if (jb == 0) std::memset(cur, 0, sizeof(T) * (size_t)(k - 1) * Cp);
+      T* cur = ring + (ptrdiff_t)(i % k) * slot;
+      T* curx = cur + (ptrdiff_t)(k - 1) * Cp;  // local column 0 of the current row
       // Phase A taps: the centre, reading y in place (NCHW, through the orientation's and the
-      // channel order's strides: no transposed copy), and every tap of the rows above that exist.
+      // channel order's strides: no transposed copy), and every tap of the rows above that exist
+      // (their halos were filled when those rows were solved, so phase A reads only this task's
+      // buffer).
       int ntaps = 0;
-      const T* y_row = y + chan[0] * plane + (ptrdiff_t)h * W + (flip_w ? W - 1 : 0);
+      const T* y_row = y + chan[0] * plane + (ptrdiff_t)h * W + (flip_w ? W - 1 - jb : jb);
       const ptrdiff_t y_cstep = C > 1 ? (chan[1] - chan[0]) * plane : 0;
       taps[ntaps++] = Tap{y_row, flip_w ? -1 : 1, y_cstep, wf};
       for (int da = 1; da < k && da <= i; ++da) {
-        const T* row = ring + (ptrdiff_t)((i - da) % R) * slot;
+        const T* row = ring + (ptrdiff_t)((i - da) % k) * slot;
         for (int db = 0; db < k; ++db)
           taps[ntaps++] = Tap{row + (ptrdiff_t)(k - 1 - db) * Cp, Cp, 1, wf + (ptrdiff_t)(da * k + db) * C * Cp};
       }
       for_each_oblock<Ops>(Cp, [&](auto blk, int o0) {
         using B = decltype(blk);
-        phase_a_chunk<B::kVecsF, B::kVecsH, B::kVecsQ>(taps, ntaps, C, Cp, o0, jb, je, acc);
+        phase_a_chunk<B::kVecsF, B::kVecsH, B::kVecsQ>(taps, ntaps, C, Cp, o0, 0, n, acc);
       });
-      // Phase B: along the row.
-      sync.before_b(i);
+      // Phase B: along the row, after the halo (the k-1 columns left of jb) is in place.
+      sync.before_b(i, cur);
       if (k > 1) {
-        for (int j = jb; j < je; ++j)
+        for (int j = 0; j < n; ++j)
           for_each_oblock<Ops>(Cp, [&](auto blk, int o0) {
             using B = decltype(blk);
             phase_b_pixel<B::kVecsF, B::kVecsH, B::kVecsQ>(wf, cur, acc, k, C, Cp, o0, j);
           });
       } else {
-        std::memcpy(curx + (ptrdiff_t)jb * Cp, acc + (ptrdiff_t)jb * Cp, sizeof(T) * (size_t)(je - jb) * Cp);
+        std::memcpy(curx, acc, sizeof(T) * (size_t)n * Cp);
       }
       // The solved columns of the row out, NCHW.
       for (int c = 0; c < C; ++c) {
         T* xr = x + chan[c] * plane + (ptrdiff_t)h * W;
-        if (flip_w)
-          for (int j = jb; j < je; ++j) xr[W - 1 - j] = curx[(ptrdiff_t)j * Cp + c];
-        else
-          for (int j = jb; j < je; ++j) xr[j] = curx[(ptrdiff_t)j * Cp + c];
+        if (flip_w) {
+          T* xj = xr + (W - 1 - jb);
+          for (int j = 0; j < n; ++j) xj[-j] = curx[(ptrdiff_t)j * Cp + c];
+        } else {
+          T* xj = xr + jb;
+          for (int j = 0; j < n; ++j) xj[j] = curx[(ptrdiff_t)j * Cp + c];
+        }
       }
       // Published after the copy-out, though the right neighbour reads only the row buffer:
       // publishing before it was slower (instrumented, B=1 C=12 32² k=3, 2 threads, Zen 4: the
       // right strip ended at 35 µs instead of 32.4, alternating builds).
-      sync.after(i);
+      sync.after(i, cur);
     }
   }
 
+  // One task walks the whole image: its halo is the k-1 zero columns left of the image.
   struct NoSync {
+    int halo;  // (k-1)*Cp
     static void before_a(int) {}
-    static void before_b(int) {}
-    static void after(int) {}
+    void before_b(int, T* cur) const { std::memset(cur, 0, sizeof(T) * (size_t)halo); }
+    static void after(int, const T*) {}
   };
 
   // The whole image on the calling thread, with a ring of k rows.
   static void solve_image(const T* y, T* x, const T* wf, const int* chan, int C, int Cp, int Hh, int W, int k,
                           bool flip_h, bool flip_w, T* ring, Work work) {
-    NoSync none;
-    solve_rows(y, x, wf, chan, C, Cp, Hh, W, k, flip_h, flip_w, ring, k, 0, W, work, none);
+    NoSync none{(k - 1) * Cp};
+    solve_rows(y, x, wf, chan, C, Cp, Hh, W, k, flip_h, flip_w, ring, 0, W, work, none);
   }
 };
 

@@ -142,7 +142,7 @@ def test_cpu_fused_backward_matches_adjoint_and_weight_grad(isa, orientation):
 
 
 @pytest.mark.parametrize("orientation", ORIENTATIONS)
-@pytest.mark.parametrize("c,k,b", [(12, 3, 1), (3, 5, 1), (24, 2, 1), (12, 3, 2)])
+@pytest.mark.parametrize("c,k,b", [(12, 3, 1), (3, 5, 1), (24, 2, 1), (12, 3, 2), (3, 11, 1)])
 def test_cpu_strip_split_inside_an_image(isa, orientation, c, k, b):
     """Fewer images than threads: column strips of one image on several threads (solve, adjoint,
     backward and weight gradient) give the single-thread results exactly, and match the reference."""
