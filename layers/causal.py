@@ -135,20 +135,22 @@ def assemble_weight(off_centre: torch.Tensor, lower: torch.Tensor, diagonal: tor
 
 
 def _check_solve_args(y: torch.Tensor, weight: torch.Tensor, orientation: str) -> None:
+    # Runs on every solve: each shape and dtype is read once (a Tensor.shape is 0.1 µs).
     _check_orientation(orientation)
-    if not isinstance(y, torch.Tensor) or y.dim() != 4:
+    ys = y.shape if isinstance(y, torch.Tensor) else ()
+    if len(ys) != 4:
         raise ValueError(f"solve: y must be a 4-D tensor (B, C, H, W), got shape {tuple(getattr(y, 'shape', ()))}")
-    ws = weight.shape if isinstance(weight, torch.Tensor) else ()  # read once: this runs on every solve
+    ws = weight.shape if isinstance(weight, torch.Tensor) else ()
     if len(ws) != 4 or ws[0] != ws[1] or ws[2] != ws[3]:
         raise ValueError(f"solve: weight must be a tensor of shape (C, C, k, k), got {tuple(ws) or type(weight).__name__}")
-    if ws[0] != y.shape[1]:
-        raise ValueError(f"solve: weight is for C={weight.shape[0]} channels but y has {y.shape[1]} "
-                         f"(shape {tuple(y.shape)})")
-    if y.dtype != weight.dtype or not ((y.is_cpu and weight.is_cpu) or y.device == weight.device):
-        raise ValueError(f"solve: y ({y.dtype}, {y.device}) and weight ({weight.dtype}, {weight.device}) "
+    if ws[0] != ys[1]:
+        raise ValueError(f"solve: weight is for C={ws[0]} channels but y has {ys[1]} (shape {tuple(ys)})")
+    dtype = y.dtype
+    if dtype != weight.dtype or not ((y.is_cpu and weight.is_cpu) or y.device == weight.device):
+        raise ValueError(f"solve: y ({dtype}, {y.device}) and weight ({weight.dtype}, {weight.device}) "
                          "must share dtype and device")
-    if not y.is_floating_point():
-        raise ValueError(f"solve: floating-point tensors required, got {y.dtype}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"solve: floating-point tensors required, got {dtype}")
 
 
 def _check_centre(weight: torch.Tensor, orientation: str, unit_diagonal: bool) -> None:
