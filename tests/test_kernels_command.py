@@ -156,3 +156,37 @@ def test_each_op_is_timed_under_its_solver(monkeypatch):
     with kernels._solver(None):
         assert native.requested_mode() == "auto"
     assert os.environ[native.SOLVER_ENV] == "auto"
+
+
+def test_each_op_is_timed_in_its_grad_mode(monkeypatch):
+    """Grad mode is set around each block of timed calls, not inside each call: the forward-only
+    ops (the layer's included, whose parameters want gradients) run with it off and build no
+    graph, the ops with a backward with it on; the caller's mode is restored afterwards."""
+    import torch
+
+    from bench.timing import kernels
+
+    real = kernels.make_ops
+    seen: dict[str, set] = {}
+
+    def recording_ops(*args, **kwargs):
+        def wrap(name, fn):
+            def call():
+                out = fn()
+                seen.setdefault(name, set()).add((torch.is_grad_enabled(),
+                                                  isinstance(out, torch.Tensor) and out.requires_grad))
+                return out
+            return call
+        return {name: wrap(name, fn) for name, fn in real(*args, **kwargs).items()}
+
+    monkeypatch.setattr(kernels, "make_ops", recording_ops)
+    shape = kernels.Shape("cpu", "float32", 1, 3, 8, 8, 3, "TL")
+    with torch.enable_grad():
+        kernels.measure_shape(shape, min_calls=2, min_seconds=0.0, rounds=1)
+        assert torch.is_grad_enabled()
+    assert set(seen) == set(real(shape))
+    for name, modes in seen.items():
+        want_grad = name in ("native solve+backward", "torch solve+backward", "conv2d+wgrad")
+        assert {grad for grad, _ in modes} == {want_grad}, name
+        if not want_grad:
+            assert not any(graph for _, graph in modes), f"{name} built an autograd graph"

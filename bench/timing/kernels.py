@@ -166,6 +166,11 @@ def _threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+def op_grad(name: str) -> bool:
+    """Whether an op is timed with grad mode on (the ones with a backward) or off."""
+    return name in ("native solve+backward", "torch solve+backward", "conv2d+wgrad")
+
+
 def op_threads(name: str) -> int | None:
     """The thread count an op is timed with (None: the process's, i.e. ``--threads``)."""
     return 1 if name == "native solve, 1 thread" else None
@@ -192,7 +197,8 @@ def solve_inputs(shape: Shape, scale: float = 0.05, generator: torch.Generator |
 def make_ops(shape: Shape, include_reference: bool = True, include_layer: bool = True,
              include_one_thread: bool = True) -> dict[str, Callable[[], object]]:
     """The callables to time for ``shape`` (inputs built once, outside the timed region); each
-    runs under the solver :func:`op_solver` names and the threads :func:`op_threads` names."""
+    runs under the solver :func:`op_solver` names, the threads :func:`op_threads` names and the
+    grad mode :func:`op_grad` names."""
     device, dtype = torch.device(shape.device), getattr(torch, shape.dtype)
     c, k, o = shape.channels, shape.kernel_size, shape.orientation
     gen = torch.Generator().manual_seed(0)
@@ -201,17 +207,18 @@ def make_ops(shape: Shape, include_reference: bool = True, include_layer: bool =
     y_req = y.clone().requires_grad_()
     w_req = weight.clone().requires_grad_()
 
+    # The no-grad ops are plain calls: the measurement runs them with grad mode off (see
+    # op_grad), as a torch.no_grad() block around each call would time the context manager
+    # (about 1 µs per call, on every op alike, which pulls every ratio towards 1).
     def solve_fwd():
-        with torch.no_grad():
-            return solve(y, weight, o, unit_diagonal=True, assume_triangular=True)
+        return solve(y, weight, o, unit_diagonal=True, assume_triangular=True)
 
     def solve_fwd_bwd():
         x = solve(y_req, w_req, o, unit_diagonal=True, assume_triangular=True)
         return torch.autograd.grad(x, (y_req, w_req), grad)
 
     def conv_fwd():
-        with torch.no_grad():
-            return F.conv2d(y_pad, weight)
+        return F.conv2d(y_pad, weight)
 
     def conv_fwd_wgrad():
         out = F.conv2d(y_pad, w_req)
@@ -231,8 +238,7 @@ def make_ops(shape: Shape, include_reference: bool = True, include_layer: bool =
         layer = layers.create("inverse-flow", channels=c, kernel_size=k).to(device=device, dtype=dtype)
 
         def layer_fwd():
-            with torch.no_grad():
-                return layer(y)
+            return layer(y)
 
         ops["inverse-flow forward"] = layer_fwd
     return ops
@@ -302,7 +308,7 @@ def measure_shape(shape: Shape, *, min_calls: int = 20, min_seconds: float = 0.5
     per_call = {}
     for name, fn in ops.items():  # warm-up, and an estimate of the time per call (median of the warm-up calls)
         start, times = time.perf_counter(), []
-        with _threads(op_threads(name)), _solver(op_solver(name)):
+        with _threads(op_threads(name)), _solver(op_solver(name)), torch.set_grad_enabled(op_grad(name)):
             while len(times) < WARMUP_CALLS or time.perf_counter() - start < WARMUP_SECONDS:
                 t0 = time.perf_counter()
                 fn()
@@ -315,7 +321,8 @@ def measure_shape(shape: Shape, *, min_calls: int = 20, min_seconds: float = 0.5
     handover: list[float] = []
     for _ in range(rounds):
         for name, fn in ops.items():
-            with _threads(op_threads(name)), _solver(op_solver(name)):  # switched outside the timed calls
+            # switched outside the timed calls
+            with _threads(op_threads(name)), _solver(op_solver(name)), torch.set_grad_enabled(op_grad(name)):
                 samples[name].extend(ms / 1e3 for ms in clock.calls(fn, blocks[name]))
         latency = handover_ns(shape.device)
         if latency is not None:
